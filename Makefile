@@ -1,0 +1,56 @@
+# voice2music — `make demo` runs the main job on embedded defaults; `make test` runs the test suite.
+# Both create the environment first (.venv, Python >= 3.11) and install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Local state lives under .v2m/ (see shared/notes/conventions.md); telemetry stays off.
+export PREFECT_HOME := $(CURDIR)/.v2m/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE := 1
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: demo test setup sysdeps bench clean
+
+demo: setup
+	$(BIN)/v2m data demo --out data/raw
+	$(BIN)/v2m data prepare
+	@echo "Results: data/segments/{musicgen,audioldm}.jsonl (chunk manifests), data/validated/quarantine.jsonl,"
+	@echo "         .v2m/data_version.json (data version), data/raw/DATASET_CARD.md"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/data_prep.py
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory sysdeps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[render,ml,dev]'
+	touch $(STAMP)
+
+# Optional system packages: espeak-ng sings the demo vocals, libfluidsynth3 renders the accompaniment,
+# chromium renders the comparison report in tests. Without them the builders fall back to pure-Python
+# synths, so a failure here (no root, no apt) is reported, not fatal.
+sysdeps:
+	@missing=""; \
+	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
+	ldconfig -p 2>/dev/null | grep -q libfluidsynth || missing="$$missing libfluidsynth3"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	      || echo "warning: could not install$$missing; the demo will use the pure-Python synths"; \
+	  else echo "note:$$missing not installed; the demo will use the pure-Python synths"; fi; \
+	fi
+
+clean:
+	rm -rf data/validated data/normalized data/labelled data/split data/segments .v2m/prefect

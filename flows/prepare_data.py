@@ -1,0 +1,46 @@
+"""Flow `prepare-data`: version the raw data, run the DVC pipeline, record the data version.
+
+    dvc add data/raw  ->  dvc repro (validate -> normalize -> label -> split -> segment)
+        ->  data version + dataset statistics  ->  [dvc push]
+
+Returns the data version (dvc hashes + git revision + stats); training runs log it as their lineage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.data.versioning import (data_version_task, dataset_stats_task, push_task, record_version,
+                                   reproduce_task, track_raw_task)
+from v2m.config import load_params
+
+
+@flow(name="prepare-data")
+def prepare_data(project_dir: str = ".", push: bool = False) -> dict[str, Any]:
+    root = Path(project_dir).resolve()
+    params = load_params(root / "params.yaml")
+    log = get_run_logger()
+
+    raw_changed = track_raw_task(root, params.data.raw_dir)
+    ran = reproduce_task(root)
+    version = data_version_task(root)
+    version["stats"] = dataset_stats_task(root)
+    version["stages_run"] = ran
+    version["raw_changed"] = raw_changed
+    if push:
+        version["pushed_files"] = push_task(root, params.dvc)
+    path = record_version(root, version)
+
+    log.info("data version %s (git %s); stages run: %s", version["data_version"],
+             version["git_revision"], ", ".join(ran) or "none")
+    create_markdown_artifact(
+        key="data-version",
+        markdown=f"# Data version `{version['data_version']}`\n\ngit `{version['git_revision']}`, "
+                 f"stages run: {', '.join(ran) or 'none'}\n\n```json\n{version['stats']}\n```\n"
+                 f"\nRecorded in `{path}`.",
+        description="DVC data version of this prepare-data run")
+    return version

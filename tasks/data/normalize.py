@@ -1,0 +1,74 @@
+"""Stage 2 — normalize: mono, each backend's sample rate, loudness-matched.
+
+Per track, `out_dir/<track_id>/` gets:
+  vocals_32k.wav, instrumental_32k.wav   MusicGen (32 kHz)
+  vocals_16k.wav, instrumental_16k.wav   AudioLDM (16 kHz)
+  vocals_48k.wav                         CLAP's audio encoder (48 kHz)
+(the names carry the configured rates). Each stem is decoded once and resampled from the source with
+soxr; its gain is measured once (ITU-R BS.1770 integrated loudness at the MusicGen rate, which keeps
+everything up to 16 kHz) and the same gain is applied to every rate, so the copies differ only in bandwidth.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyloudnorm
+
+from tasks.data.track_cache import (cache_key, code_version, read_jsonl, run_per_track,
+                                    write_jsonl, write_stats)
+from v2m.audio import peak_dbfs, read_audio, resample, to_mono, write_wav
+from v2m.config import NormalizeConfig
+
+
+def loudness_gain_db(audio: np.ndarray, sr: int, cfg: NormalizeConfig) -> float:
+    """Gain that brings `audio` to the target loudness without its peak passing cfg.peak_dbfs."""
+    lufs = pyloudnorm.Meter(sr).integrated_loudness(audio.astype(np.float64))
+    if not np.isfinite(lufs):  # all blocks gated out (very quiet): fall back to RMS
+        rms = float(np.sqrt(np.mean(audio.astype(np.float64) ** 2)))
+        lufs = 20 * np.log10(max(rms, 1e-10))
+    gain = cfg.target_lufs - lufs
+    headroom = cfg.peak_dbfs - peak_dbfs(audio)
+    return float(min(gain, headroom))
+
+
+def rate_tag(sr: int) -> str:
+    return f"{sr // 1000}k" if sr % 1000 == 0 else f"{sr}hz"
+
+
+def normalize_track(rec: dict[str, Any], cfg: NormalizeConfig, out_dir: Path) -> dict[str, Any]:
+    track_dir = out_dir / rec["track_id"]
+    rates = {"vocals": [cfg.musicgen_sr, cfg.audioldm_sr, cfg.clap_sr],
+             "instrumental": [cfg.musicgen_sr, cfg.audioldm_sr]}
+    paths: dict[str, str] = {}
+    gains: dict[str, float] = {}
+    for stem, stem_rates in rates.items():
+        audio, sr = read_audio(rec[f"{stem}_path"])
+        mono = to_mono(audio)
+        measured = resample(mono, sr, cfg.musicgen_sr)
+        gain = loudness_gain_db(measured, cfg.musicgen_sr, cfg)
+        scale = np.float32(10 ** (gain / 20))
+        gains[stem] = round(gain, 3)
+        for target in stem_rates:
+            out = measured if target == cfg.musicgen_sr else resample(mono, sr, target)
+            path = track_dir / f"{stem}_{rate_tag(target)}.wav"
+            write_wav(path, np.clip(out * scale, -1.0, 1.0), target)
+            paths[f"{stem}_{rate_tag(target)}"] = str(path)
+    return {**rec, "normalized": paths, "gain_db": gains, "outputs": list(paths.values())}
+
+
+def normalize_dataset(validated_dir: str | Path, out_dir: str | Path, cfg: NormalizeConfig,
+                      workers: int = 0, progress=None) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    records = read_jsonl(Path(validated_dir) / "tracks.jsonl")
+    version = code_version(__file__)
+    key_fn = lambda r: cache_key("normalize", version, cfg.model_dump(), r)  # noqa: E731
+    results, stats = run_per_track("normalize", records, key_fn,
+                                   partial(normalize_track, cfg=cfg, out_dir=out_dir),
+                                   out_dir, workers, progress)
+    write_jsonl(out_dir / "tracks.jsonl", results)
+    write_stats(out_dir, stats)
+    return {"tracks": results, "stats": stats}

@@ -1,0 +1,182 @@
+"""Per-track, content-addressed work cache shared by the per-track data stages.
+
+DVC skips a stage whose inputs did not change, but when one track of hundreds changes the whole stage
+reruns. Each stage therefore keeps, inside its own (DVC `persist: true`) output folder, one small JSON
+file per track: the key the track was last processed under and the record it produced. On a re-run a
+track is processed again only if its key changed (new audio, new metadata, new stage params or a new
+version of the stage's code) or one of its output files is gone; tracks that left the input are removed.
+
+Work runs in a process pool; `fn(record) -> record` must be a picklable top-level function
+(use functools.partial to bind configuration).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CACHE_DIR = ".cache"
+
+
+class StageError(RuntimeError):
+    """Some tracks failed in a stage; the message lists each track and its error."""
+
+
+@dataclass
+class StageStats:
+    """What a stage run did: counted, so tests and benchmarks check work rather than time."""
+
+    stage: str
+    processed: int = 0
+    reused: int = 0
+    removed: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "processed": self.processed, "reused": self.reused,
+                "removed": self.removed, "failed": self.failed}
+
+
+def cache_key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def code_version(*files: str | Path) -> str:
+    """Hash of the source files a stage runs, so editing the code invalidates its cache."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def resolve_workers(workers: int) -> int:
+    return workers if workers > 0 else (os.cpu_count() or 1)
+
+
+def _outputs_exist(result: dict[str, Any]) -> bool:
+    return all(Path(p).exists() for p in result.get("outputs", []))
+
+
+def _remove_outputs(result: dict[str, Any]) -> None:
+    for p in map(Path, result.get("outputs", [])):
+        p.unlink(missing_ok=True)
+        if p.parent.is_dir() and not any(p.parent.iterdir()):
+            p.parent.rmdir()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def run_per_track(
+    stage: str,
+    records: Sequence[dict[str, Any]],
+    key_fn: Callable[[dict[str, Any]], str],
+    fn: Callable[[dict[str, Any]], dict[str, Any]],
+    out_dir: Path,
+    workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[dict[str, Any]], StageStats]:
+    """Apply `fn` to every record whose key changed; reuse cached results for the rest.
+
+    Each result lists the files it wrote under "outputs"; they (and a folder `out_dir/<track_id>/`)
+    are deleted when the track disappears from the input.
+    """
+    out_dir = Path(out_dir)
+    cache = out_dir / CACHE_DIR
+    cache.mkdir(parents=True, exist_ok=True)
+    stats = StageStats(stage)
+    results: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[dict[str, Any], str]] = []
+
+    for rec in records:
+        key = key_fn(rec)
+        entry_path = cache / f"{rec['track_id']}.json"
+        if entry_path.exists():
+            entry = json.loads(entry_path.read_text())
+            if entry.get("key") == key and _outputs_exist(entry["result"]):
+                results[rec["track_id"]] = entry["result"]
+                stats.reused += 1
+                continue
+        todo.append((rec, key))
+
+    # Tracks that left the input: drop their outputs and cache entries.
+    wanted = {r["track_id"] for r in records}
+    for entry_path in cache.glob("*.json"):
+        if entry_path.stem not in wanted:
+            _remove_outputs(json.loads(entry_path.read_text())["result"])
+            shutil.rmtree(out_dir / entry_path.stem, ignore_errors=True)
+            entry_path.unlink()
+            stats.removed += 1
+
+    done = len(results)
+    if progress:
+        progress(done, len(records))
+    n_workers = min(resolve_workers(workers), max(1, len(todo)))
+
+    def _finish(rec: dict[str, Any], key: str, result: dict[str, Any]) -> None:
+        nonlocal done
+        results[rec["track_id"]] = result
+        _write_json_atomic(cache / f"{rec['track_id']}.json", {"key": key, "result": result})
+        stats.processed += 1
+        done += 1
+        if progress:
+            progress(done, len(records))
+
+    errors: list[str] = []
+    if n_workers <= 1:
+        for rec, key in todo:
+            try:
+                _finish(rec, key, fn(rec))
+            except Exception as exc:  # keep going: finished tracks stay cached
+                errors.append(f"{rec['track_id']}: {exc}")
+    else:
+        # forkserver, not fork: forking a process whose BLAS/numba threads are running can crash the
+        # child. The server imports the stage's module once, so each worker still starts in milliseconds.
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([getattr(fn, "func", fn).__module__])
+        with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
+            futures = {pool.submit(fn, rec): (rec, key) for rec, key in todo}
+            for fut in as_completed(futures):
+                rec, key = futures[fut]
+                try:
+                    _finish(rec, key, fut.result())
+                except Exception as exc:
+                    errors.append(f"{rec['track_id']}: {exc}")
+    if errors:
+        stats.failed = sorted(errors)
+        raise StageError(f"stage {stage}: {len(errors)} track(s) failed (the others are cached):\n  "
+                         + "\n  ".join(stats.failed))
+
+    ordered = [results[r["track_id"]] for r in records]
+    return ordered, stats
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: expected a JSONL file from the previous stage; run it first")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def write_stats(out_dir: str | Path, stats: StageStats, **extra: Any) -> None:
+    _write_json_atomic(Path(out_dir) / "stats.json", {**stats.as_dict(), **extra})

@@ -1,0 +1,212 @@
+"""Stage 1 — validate: decode every raw track and quarantine the bad ones, one clear reason each.
+
+Input: the raw layout `<root>/<track_id>/vocals.<wav|flac|mp3>` + `instrumental.<...>` + `<root>/metadata.csv`.
+Output (`out_dir`): `tracks.jsonl` (one record per accepted track), `quarantine.jsonl` (one per rejected
+track: track_id, file, reason, message) and `stats.json`. A bad track never stops the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.data.track_cache import (cache_key, code_version, run_per_track, write_jsonl,
+                                    write_stats)
+from v2m.audio import AUDIO_SUFFIXES, AudioError, file_sha256, peak_dbfs, read_audio
+from v2m.config import ValidateConfig
+
+METADATA_FILE = "metadata.csv"
+METADATA_COLUMNS = ("track_id", "artist", "title", "genre", "bpm", "key", "mood", "language")
+STEMS = ("vocals", "instrumental")
+TRACK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+KEY = re.compile(r"^([A-G])([#b]?) (major|minor)$")
+LANGUAGE = re.compile(r"^[a-z]{2,3}$")
+
+# Reason codes of the quarantine report, with what each means.
+REASONS = {
+    "missing_stem": "a vocal or instrumental stem is missing",
+    "ambiguous_stem": "more than one file for a stem",
+    "path_escape": "a path leads outside the data root",
+    "unreadable": "the file cannot be decoded as audio",
+    "empty": "the file decodes to zero samples",
+    "nan_or_inf": "the audio holds NaN or infinite samples",
+    "silent": "the stem's peak is below the silence threshold",
+    "too_short": "the track is shorter than the minimum duration",
+    "too_long": "the track is longer than the maximum duration",
+    "length_mismatch": "vocal and instrumental lengths differ beyond the tolerance",
+    "metadata_missing": "no metadata.csv row for this track",
+    "metadata_invalid": "the metadata row has a missing or invalid value",
+}
+
+
+class DataError(ValueError):
+    """The dataset as a whole cannot be read (not one bad track); the message names the file."""
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, file: Path | str, message: str):
+        assert reason in REASONS, reason
+        super().__init__(message)
+        self.reason, self.file, self.message = reason, str(file), message
+
+
+# --- metadata ---------------------------------------------------------------------------------------
+
+def read_metadata(root: Path) -> dict[str, dict[str, str]]:
+    """Rows of metadata.csv by track_id. Duplicate ids are kept as a list marker for the validator."""
+    path = root / METADATA_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: metadata file not found (columns: {', '.join(METADATA_COLUMNS)})")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in METADATA_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+        rows: dict[str, dict[str, str]] = {}
+        for line_no, row in enumerate(reader, start=2):
+            tid = (row.get("track_id") or "").strip()
+            clean = {k: (row.get(k) or "").strip() for k in METADATA_COLUMNS}
+            clean["_line"] = str(line_no)
+            if tid in rows:
+                rows[tid]["_duplicate"] = str(line_no)
+            else:
+                rows[tid] = clean
+    return rows
+
+
+def parse_metadata_row(row: dict[str, str], metadata_path: Path) -> dict[str, Any]:
+    """Typed metadata, or Rejected('metadata_invalid') naming the column and the line."""
+    where = f"{metadata_path}:{row['_line']}"
+
+    def bad(msg: str) -> Rejected:
+        return Rejected("metadata_invalid", metadata_path, f"{where}: {msg}")
+
+    if "_duplicate" in row:
+        raise bad(f"track_id {row['track_id']!r} appears again on line {row['_duplicate']}")
+    for col in ("artist", "genre", "language"):
+        if not row[col]:
+            raise bad(f"{col} is empty")
+    if not LANGUAGE.match(row["language"]):
+        raise bad(f"language {row['language']!r} is not an ISO 639 code such as en, fr, ar")
+    bpm: float | None = None
+    if row["bpm"]:
+        try:
+            bpm = float(row["bpm"])
+        except ValueError:
+            raise bad(f"bpm {row['bpm']!r} is not a number") from None
+        if not 20 <= bpm <= 300:
+            raise bad(f"bpm {bpm:g} is outside 20-300")
+    key = row["key"] or None
+    if key and not KEY.match(key):
+        raise bad(f"key {key!r} is not like 'G major' or 'F# minor'")
+    return {"artist": row["artist"], "title": row["title"], "genre": row["genre"].lower(),
+            "mood": row["mood"], "language": row["language"], "bpm": bpm, "key": key}
+
+
+# --- stems ------------------------------------------------------------------------------------------
+
+def find_stem(track_dir: Path, stem: str, root: Path) -> Path:
+    found = [p for p in sorted(track_dir.glob(f"{stem}.*")) if p.suffix.lower() in AUDIO_SUFFIXES]
+    if not found:
+        raise Rejected("missing_stem", track_dir / f"{stem}.wav",
+                       f"{track_dir}: no {stem}.wav/.flac/.mp3")
+    if len(found) > 1:
+        raise Rejected("ambiguous_stem", found[0], f"{track_dir}: several {stem} files: "
+                       + ", ".join(p.name for p in found))
+    path = found[0]
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise Rejected("path_escape", path, f"{path}: resolves to {path.resolve()}, outside {root}")
+    return path
+
+
+def check_audio(path: Path, cfg: ValidateConfig) -> tuple[float, int, int]:
+    """Decode one stem and check it; return (duration_s, sample_rate, channels)."""
+    try:
+        audio, sr = read_audio(path)
+    except AudioError as exc:
+        raise Rejected("unreadable", path, str(exc)) from None
+    if audio.shape[1] == 0:
+        raise Rejected("empty", path, f"{path}: no samples")
+    if not np.isfinite(audio).all():
+        bad = int((~np.isfinite(audio)).sum())
+        raise Rejected("nan_or_inf", path, f"{path}: {bad} NaN/inf sample(s)")
+    peak = peak_dbfs(audio)
+    if peak < cfg.silence_dbfs:
+        raise Rejected("silent", path, f"{path}: peak {peak:.1f} dBFS is below {cfg.silence_dbfs} dBFS")
+    return audio.shape[1] / sr, sr, audio.shape[0]
+
+
+def validate_track(rec: dict[str, Any], cfg: ValidateConfig) -> dict[str, Any]:
+    """Check one track. Returns {"ok": record} or {"rejected": report entry}."""
+    root, tid = Path(rec["root"]), rec["track_id"]
+    try:
+        if not TRACK_ID.match(tid) or not (root / tid).resolve().is_relative_to(root.resolve()):
+            raise Rejected("path_escape", root / tid, f"{root / tid}: track_id {tid!r} is not a plain folder name")
+        if rec["row"] is None:
+            raise Rejected("metadata_missing", root / METADATA_FILE,
+                           f"{root / METADATA_FILE}: no row for track_id {tid!r}")
+        meta = parse_metadata_row(rec["row"], root / METADATA_FILE)
+        if not (root / tid).is_dir():
+            raise Rejected("missing_stem", root / tid, f"{root / tid}: track folder not found")
+        stems = {s: find_stem(root / tid, s, root) for s in STEMS}
+        info = {s: check_audio(p, cfg) for s, p in stems.items()}
+        (dv, sr, ch), (di, _, _) = info["vocals"], info["instrumental"]
+        if abs(dv - di) > cfg.max_length_mismatch_s:
+            raise Rejected("length_mismatch", stems["instrumental"],
+                           f"{root / tid}: vocals {dv:.2f} s vs instrumental {di:.2f} s "
+                           f"(tolerance {cfg.max_length_mismatch_s} s)")
+        duration = min(dv, di)
+        if duration < cfg.min_duration_s:
+            raise Rejected("too_short", stems["vocals"],
+                           f"{root / tid}: {duration:.2f} s is shorter than {cfg.min_duration_s} s")
+        if duration > cfg.max_duration_s:
+            raise Rejected("too_long", stems["vocals"],
+                           f"{root / tid}: {duration:.1f} s is longer than {cfg.max_duration_s} s")
+    except Rejected as r:
+        return {"rejected": {"track_id": tid, "file": r.file, "reason": r.reason, "message": r.message}}
+    return {"ok": {
+        "track_id": tid, **meta, "duration_s": round(duration, 4), "source_sr": sr, "channels": ch,
+        "vocals_path": str(stems["vocals"]), "instrumental_path": str(stems["instrumental"]),
+        "vocals_sha256": rec["hashes"]["vocals"], "instrumental_sha256": rec["hashes"]["instrumental"],
+    }}
+
+
+def _stem_hashes(track_dir: Path) -> dict[str, str | None]:
+    """Content hashes of whatever stem files are present (cheap compared with decoding)."""
+    out: dict[str, str | None] = {}
+    for stem in STEMS:
+        files = sorted(p for p in track_dir.glob(f"{stem}.*") if p.is_file())
+        if len(files) == 1 and not files[0].is_symlink():
+            out[stem] = file_sha256(files[0])
+        else:  # absent, ambiguous or a link (never read through a link before it is checked)
+            out[stem] = "|".join(f"{p.name}->{p.resolve()}" for p in files) or None
+    return out
+
+
+def validate_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: ValidateConfig,
+                     workers: int = 0, progress=None) -> dict[str, Any]:
+    """Validate every track of `raw_dir`; write accepted records and the quarantine report to `out_dir`."""
+    root, out_dir = Path(raw_dir), Path(out_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    rows = read_metadata(root)
+    folders = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    track_ids = sorted(folders | set(rows))
+    records = [{"root": str(root), "track_id": tid, "row": rows.get(tid),
+                "hashes": _stem_hashes(root / tid) if tid in folders and TRACK_ID.match(tid) else {}}
+               for tid in track_ids]
+    version = code_version(__file__)
+    key_fn = lambda r: cache_key("validate", version, cfg.model_dump(), r)  # noqa: E731
+    results, stats = run_per_track("validate", records, key_fn, partial(validate_track, cfg=cfg),
+                                   out_dir, workers, progress)
+    accepted = [r["ok"] for r in results if "ok" in r]
+    rejected = [r["rejected"] for r in results if "rejected" in r]
+    write_jsonl(out_dir / "tracks.jsonl", accepted)
+    write_jsonl(out_dir / "quarantine.jsonl", rejected)
+    write_stats(out_dir, stats, accepted=len(accepted), quarantined=len(rejected))
+    return {"accepted": accepted, "quarantined": rejected, "stats": stats}

@@ -1,0 +1,199 @@
+"""`v2m` — the command line of voice2music. One command per pipeline step; dvc.yaml calls these.
+
+Exit codes: 0 done; 1 the input or the configuration is wrong (the message names the file or key); 2 usage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from v2m.config import ConfigError, Params, load_params
+
+app = typer.Typer(help="voice2music: turn singing into instrumentals; train, measure and promote the models.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Build, validate and prepare datasets (the DVC pipeline stages).",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Configuration file.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    raise typer.Exit(1)
+
+
+def params_or_fail(path: Path) -> Params:
+    try:
+        return load_params(path)
+    except ConfigError as exc:
+        fail(str(exc))
+        raise  # unreachable; for type checkers
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix (bad files, bad config) into exit code 1 with the message."""
+    from tasks.data.split import SplitError
+    from tasks.data.track_cache import StageError
+    from tasks.data.validate import DataError
+    try:
+        yield
+    except (ConfigError, DataError, SplitError, StageError, FileNotFoundError) as exc:
+        fail(str(exc))
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def report(summary: dict) -> None:
+    typer.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+@data_app.command("demo")
+def data_demo(out: OutOpt = Path("data/raw"), params: ParamsOpt = DEFAULT_PARAMS,
+              n_tracks: Annotated[int | None, typer.Option(help="Override data.demo.n_tracks.")] = None) -> None:
+    """Render the demo dataset: Bach chorales (music21 corpus) as vocal + instrumental stems."""
+    from tasks.data.demo import build_demo_dataset
+    p = params_or_fail(params)
+    cfg = p.data.demo if n_tracks is None else p.data.demo.model_copy(update={"n_tracks": n_tracks})
+    with user_errors(), progress_bar("demo") as update:
+        summary = build_demo_dataset(out, cfg, seed=p.seed, progress=update)
+    console.print(f"demo dataset: {summary['n_tracks']} tracks in {out}")
+    report(summary)
+
+
+@data_app.command("validate")
+def data_validate(raw_dir: Path, out: OutOpt = Path("data/validated"), params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Decode every track; quarantine bad ones (with a reason each) and keep the rest."""
+    from tasks.data.validate import validate_dataset
+    p = params_or_fail(params)
+    with user_errors(), progress_bar("validate") as update:
+        res = validate_dataset(raw_dir, out, p.data.validate_, p.workers, update)
+    for q in res["quarantined"]:
+        console.print(f"[yellow]quarantined[/yellow] {q['track_id']}: {q['reason']} — {q['message']}",
+                      highlight=False)
+    console.print(f"validate: {len(res['accepted'])} accepted, {len(res['quarantined'])} quarantined "
+                  f"(report: {out / 'quarantine.jsonl'}); {res['stats'].processed} processed, "
+                  f"{res['stats'].reused} reused")
+
+
+@data_app.command("normalize")
+def data_normalize(validated_dir: Path, out: OutOpt = Path("data/normalized"),
+                   params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Mono, resampled to each backend's rate (+48 kHz vocal for CLAP), loudness-normalised."""
+    from tasks.data.normalize import normalize_dataset
+    p = params_or_fail(params)
+    with user_errors(), progress_bar("normalize") as update:
+        res = normalize_dataset(validated_dir, out, p.data.normalize, p.workers, update)
+    console.print(f"normalize: {res['stats'].processed} processed, {res['stats'].reused} reused")
+
+
+@data_app.command("label")
+def data_label(normalized_dir: Path, out: OutOpt = Path("data/labelled"), params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Estimate BPM and key where the metadata leaves them blank; record each value's source."""
+    from tasks.data.label import label_dataset
+    p = params_or_fail(params)
+    with user_errors(), progress_bar("label") as update:
+        res = label_dataset(normalized_dir, out, p.data.label, p.data.normalize.audioldm_sr, p.workers, update)
+    console.print(f"label: {res['stats'].processed} processed, {res['stats'].reused} reused")
+
+
+@data_app.command("split")
+def data_split(labelled_dir: Path, out: OutOpt = Path("data/split"), params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Train/val/test split, disjoint by artist, stratified by genre and language."""
+    from tasks.data.split import split_dataset
+    p = params_or_fail(params)
+    with user_errors():
+        res = split_dataset(labelled_dir, out, p.data.split, p.seed)
+    for name, r in res["report"].items():
+        console.print(f"{name:5s}: {r['tracks']:4d} tracks, {len(r['artists'])} artists, "
+                      f"genres {r['genres']}, languages {r['languages']}", highlight=False)
+
+
+@data_app.command("segment")
+def data_segment(split_dir: Path, out: OutOpt = Path("data/segments"), params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Cut aligned vocal/instrumental chunks per backend and write the chunk manifests."""
+    from tasks.data.segment import segment_dataset
+    p = params_or_fail(params)
+    with user_errors(), progress_bar("segment") as update:
+        res = segment_dataset(split_dir, out, p.data.segment, p.data.normalize, p.workers, update)
+    counts = {b: len(m) for b, m in res["manifests"].items()}
+    console.print(f"segment: chunks {counts}; {res['stats'].processed} tracks processed, "
+                  f"{res['stats'].reused} reused")
+
+
+@data_app.command("prepare")
+def data_prepare(params: ParamsOpt = DEFAULT_PARAMS,
+                 push: Annotated[bool, typer.Option(help="Push the data to the DVC remote afterwards.")] = False) -> None:
+    """Run the prepare-data Prefect flow: dvc repro, then record the data version."""
+    from flows.prepare_data import prepare_data
+    params_or_fail(params)
+    with user_errors():
+        version = prepare_data(project_dir=str(Path.cwd()), push=push)
+    report(version)
+
+
+@data_app.command("push")
+def data_push(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Push DVC-tracked data to the configured remote (params.yaml dvc.remote)."""
+    from tasks.data.versioning import push
+    p = params_or_fail(params)
+    with user_errors():
+        n = push(Path.cwd(), p.dvc)
+    console.print(f"pushed {n} file(s) to the '{p.dvc.remote}' remote")
+
+
+@data_app.command("pull")
+def data_pull(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Pull DVC-tracked data from the configured remote."""
+    from tasks.data.versioning import pull
+    p = params_or_fail(params)
+    with user_errors():
+        n = pull(Path.cwd(), p.dvc)
+    console.print(f"pulled {n} file(s) from the '{p.dvc.remote}' remote")
+
+
+@data_app.command("version")
+def data_version_cmd() -> None:
+    """Print the data version of the workspace (dvc.lock hashes + git revision)."""
+    from tasks.data.versioning import data_version
+    with user_errors():
+        report(data_version(Path.cwd()))
+
+
+@app.command("config")
+def config_cmd(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Validate params.yaml and print the resolved configuration."""
+    report(params_or_fail(params).model_dump(by_alias=True))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Typed, validated view of params.yaml — the one place for knobs.
+
+Every model forbids unknown keys, so a typo such as `data.splt` fails at load instead of silently
+falling back to a default. Errors name the file, the key path and the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message names the file, the key and the reason."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DemoConfig(Strict):
+    n_tracks: int = Field(12, ge=1)
+    n_artists: int = Field(6, ge=1)
+    styles: list[Literal["pop", "rock", "disco", "classical"]] = ["pop", "rock", "disco", "classical"]
+    styles_per_chorale: int = Field(2, ge=1)
+    languages: list[Literal["en", "fr", "ar"]] = ["en", "fr", "ar"]
+    blank_label_fraction: float = Field(0.5, ge=0, le=1)
+    min_duration_s: float = Field(40.0, gt=0)
+    max_duration_s: float = Field(70.0, gt=0)
+    sample_rate: int = Field(44100, ge=8000)
+    renderer: Literal["auto", "fluidsynth", "synth"] = "auto"
+    voice: Literal["auto", "espeak", "formant"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "DemoConfig":
+        if self.max_duration_s < self.min_duration_s:
+            raise ValueError("max_duration_s must be >= min_duration_s")
+        if not self.styles or not self.languages:
+            raise ValueError("styles and languages must not be empty")
+        if self.styles_per_chorale > len(self.styles):
+            raise ValueError("styles_per_chorale cannot exceed the number of styles")
+        return self
+
+
+class ValidateConfig(Strict):
+    min_duration_s: float = Field(5.0, gt=0)
+    max_duration_s: float = Field(1200.0, gt=0)
+    max_length_mismatch_s: float = Field(0.5, ge=0)
+    silence_dbfs: float = Field(-60.0, lt=0)
+
+
+class NormalizeConfig(Strict):
+    target_lufs: float = Field(-20.0, lt=0)
+    peak_dbfs: float = Field(-1.0, le=0)
+    musicgen_sr: int = Field(32000, ge=8000)
+    audioldm_sr: int = Field(16000, ge=8000)
+    clap_sr: int = Field(48000, ge=8000)
+
+
+class LabelConfig(Strict):
+    sr: int = Field(16000, ge=8000)
+
+
+class SplitConfig(Strict):
+    val_fraction: float = Field(0.15, ge=0, lt=1)
+    test_fraction: float = Field(0.15, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SplitConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave room for a train split (< 1)")
+        return self
+
+
+class ChunkConfig(Strict):
+    chunk_s: float = Field(gt=0)
+    hop_s: float = Field(gt=0)
+    min_chunk_s: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ChunkConfig":
+        if self.min_chunk_s > self.chunk_s:
+            raise ValueError("min_chunk_s must be <= chunk_s")
+        return self
+
+
+class SegmentConfig(Strict):
+    musicgen: ChunkConfig = ChunkConfig(chunk_s=30.0, hop_s=30.0, min_chunk_s=10.0)
+    audioldm: ChunkConfig = ChunkConfig(chunk_s=20.0, hop_s=20.0, min_chunk_s=10.0)
+    vocal_active_dbfs: float = Field(-45.0, lt=0)
+    min_vocal_active: float = Field(0.2, ge=0, le=1)
+
+
+class DataConfig(Strict):
+    raw_dir: str = "data/raw"
+    demo: DemoConfig = DemoConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    normalize: NormalizeConfig = NormalizeConfig()
+    label: LabelConfig = LabelConfig()
+    split: SplitConfig = SplitConfig()
+    segment: SegmentConfig = SegmentConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class S3RemoteConfig(Strict):
+    url: str = "s3://voice2music/dvc"
+    endpoint_url: str = ""
+    profile: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> "S3RemoteConfig":
+        if not self.url.startswith("s3://"):
+            raise ValueError(f"url must start with s3:// (got {self.url!r})")
+        return self
+
+
+class DvcConfig(Strict):
+    remote: Literal["local", "s3"] = "local"
+    local_url: str = ".v2m/dvc-remote"
+    s3: S3RemoteConfig = S3RemoteConfig()
+
+
+class Params(Strict):
+    seed: int = 42
+    workers: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    dvc: DvcConfig = DvcConfig()
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        reason = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            reason = "unknown key (check the spelling; see params.yaml for the known keys)"
+        lines.append(f"  {key}: {reason}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; raise ConfigError naming the file and key on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(path, exc)) from exc
