@@ -1,0 +1,71 @@
+"""params.yaml is validated at load: unknown keys and bad values name the key path and the reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from v2m.config import ConfigError, load_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, mutate) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_project_params_load_with_the_mission_defaults() -> None:
+    p = load_params(ROOT / "params.yaml")
+    assert p.data.segment.musicgen.chunk_s == 30.0 and p.data.segment.audioldm.chunk_s == 20.0
+    assert (p.data.normalize.musicgen_sr, p.data.normalize.audioldm_sr, p.data.normalize.clap_sr) == (32000, 16000, 48000)
+
+
+@pytest.mark.parametrize("mutate, key, reason", [
+    (lambda r: r["data"]["split"].update(val_fraction=1.5), "data.split.val_fraction", "less than 1"),
+    (lambda r: r["data"]["split"].update(val_fraction=0.5, test_fraction=0.5), "data.split",
+     "must leave room for a train split"),
+    (lambda r: r["data"].update(splt={}), "data.splt", "unknown key"),
+    (lambda r: r["data"]["segment"]["musicgen"].update(chunk_s="long"), "data.segment.musicgen.chunk_s",
+     "valid number"),
+    (lambda r: r["data"]["demo"].update(renderer="midi"), "data.demo.renderer", "'auto', 'fluidsynth' or 'synth'"),
+    (lambda r: r["dvc"]["s3"].update(url="http://bucket"), "dvc.s3", "must start with s3://"),
+    (lambda r: r["data"]["validate"].update(silence_dbfs=3), "data.validate.silence_dbfs", "less than 0"),
+])
+def test_bad_values_name_the_key_and_the_reason(tmp_path: Path, mutate, key, reason) -> None:
+    path = write(tmp_path, mutate)
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: invalid configuration")
+    line = next(l for l in msg.splitlines() if l.strip().startswith(key + ":"))
+    assert reason in line, msg
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="configuration file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_params(bad)
+
+
+def test_cli_exit_code_1_names_the_file_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, lambda r: r.update(workers=-1))
+    res = subprocess.run([sys.executable, "-m", "v2m.cli", "config", "--params", str(path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 1
+    assert str(path) in res.stderr and "workers" in res.stderr
+    usage = subprocess.run([sys.executable, "-m", "v2m.cli", "data", "validate"], capture_output=True, text=True)
+    assert usage.returncode == 2  # usage error: missing RAW_DIR
