@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import subprocess
+from contextlib import chdir, contextmanager
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,12 @@ from v2m.config import DvcConfig
 VERSION_FILE = Path(".v2m") / "data_version.json"
 
 
+@contextmanager
 def _repo(root: Path):
+    """A DVC Repo with the project as working directory (DVC resolves stage paths against the cwd)."""
     from dvc.repo import Repo
-    return Repo(str(root))
+    with chdir(root), Repo(str(root)) as repo:
+        yield repo
 
 
 def _venv_on_path() -> None:

@@ -1,0 +1,36 @@
+"""The prepare-data Prefect flow runs the DVC pipeline and returns (and records) the data version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.prepare_data import prepare_data
+from tasks.data.versioning import VERSION_FILE
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    import os
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(tmp_path_factory.mktemp("prefect-storage"))
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_flow_runs_the_pipeline_and_returns_the_data_version(project: Path, prefect_harness) -> None:
+    state = prepare_data(project_dir=str(project), return_state=True)
+    assert state.is_completed(), state
+    version = state.result()
+    assert version["stages_run"] == ["validate", "normalize", "label", "split", "segment"]
+    assert version["raw_changed"] is True
+    assert len(version["data_version"]) == 12 and version["git_revision"]
+    stats = version["stats"]
+    assert stats["tracks"] == 6 and stats["quarantined"] == 0 and stats["artists"] == 3
+    assert sum(stats["splits"].values()) == 6 and stats["chunks_musicgen"] > 0
+    assert json.loads((project / VERSION_FILE).read_text())["data_version"] == version["data_version"]
+
+    again = prepare_data(project_dir=str(project))
+    assert again["stages_run"] == [] and again["data_version"] == version["data_version"]
