@@ -5,8 +5,8 @@ Per track, `out_dir/<track_id>/` gets:
   vocals_16k.wav, instrumental_16k.wav   AudioLDM (16 kHz)
   vocals_48k.wav                         CLAP's audio encoder (48 kHz)
 (the names carry the configured rates). Each stem is decoded once and resampled from the source with
-soxr; its gain is measured once (ITU-R BS.1770 integrated loudness at the MusicGen rate, which keeps
-everything up to 16 kHz) and the same gain is applied to every rate, so the copies differ only in bandwidth.
+soxr; its gain is measured once (ITU-R BS.1770 integrated loudness, on the 16 kHz copy) and the same gain
+is applied to every rate, so the copies differ only in bandwidth.
 """
 
 from __future__ import annotations
@@ -16,22 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyloudnorm
 
 from tasks.data.track_cache import (cache_key, code_version, read_jsonl, run_per_track,
                                     write_jsonl, write_stats)
-from v2m.audio import peak_dbfs, read_audio, resample, to_mono, write_wav
+from v2m.audio import integrated_loudness, peak_dbfs, read_audio, resample, to_mono, write_wav
 from v2m.config import NormalizeConfig
 
 
-def loudness_gain_db(audio: np.ndarray, sr: int, cfg: NormalizeConfig) -> float:
-    """Gain that brings `audio` to the target loudness without its peak passing cfg.peak_dbfs."""
-    lufs = pyloudnorm.Meter(sr).integrated_loudness(audio.astype(np.float64))
+def loudness_gain_db(audio: np.ndarray, sr: int, cfg: NormalizeConfig, peak_db: float | None = None) -> float:
+    """Gain that brings `audio` to the target loudness without a peak (`peak_db`, default the peak of
+    `audio`) passing cfg.peak_dbfs."""
+    lufs = integrated_loudness(audio, sr)
     if not np.isfinite(lufs):  # all blocks gated out (very quiet): fall back to RMS
         rms = float(np.sqrt(np.mean(audio.astype(np.float64) ** 2)))
         lufs = 20 * np.log10(max(rms, 1e-10))
     gain = cfg.target_lufs - lufs
-    headroom = cfg.peak_dbfs - peak_dbfs(audio)
+    headroom = cfg.peak_dbfs - (peak_dbfs(audio) if peak_db is None else peak_db)
     return float(min(gain, headroom))
 
 
@@ -48,14 +48,19 @@ def normalize_track(rec: dict[str, Any], cfg: NormalizeConfig, out_dir: Path) ->
     for stem, stem_rates in rates.items():
         audio, sr = read_audio(rec[f"{stem}_path"])
         mono = to_mono(audio)
-        measured = resample(mono, sr, cfg.musicgen_sr)
-        gain = loudness_gain_db(measured, cfg.musicgen_sr, cfg)
-        scale = np.float32(10 ** (gain / 20))
+        resampled: dict[int, np.ndarray] = {}
+        for target in sorted(stem_rates, reverse=True):
+            # An exact 2:1 step from a copy we already have is cheaper than resampling the source again.
+            source_sr = 2 * target if 2 * target in resampled else sr
+            resampled[target] = resample(resampled.get(source_sr, mono), source_sr, target)
+        # Loudness is measured once, on the lowest rate (cheapest; the K-weighted loudness of voice and
+        # music barely depends on content above 8 kHz), and the same gain goes to every copy.
+        lowest = min(stem_rates)
+        gain = loudness_gain_db(resampled[lowest], lowest, cfg, max(map(peak_dbfs, resampled.values())))
         gains[stem] = round(gain, 3)
-        for target in stem_rates:
-            out = measured if target == cfg.musicgen_sr else resample(mono, sr, target)
+        for target, out in resampled.items():
             path = track_dir / f"{stem}_{rate_tag(target)}.wav"
-            write_wav(path, np.clip(out * scale, -1.0, 1.0), target)
+            write_wav(path, out, target, gain=10 ** (gain / 20))
             paths[f"{stem}_{rate_tag(target)}"] = str(path)
     return {**rec, "normalized": paths, "gain_db": gains, "outputs": list(paths.values())}
 

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 
 from tasks.data.normalize import rate_tag
 from tasks.data.track_cache import (cache_key, code_version, read_jsonl, run_per_track,
                                     write_jsonl, write_stats)
-from v2m.audio import frame_rms_db, read_mono, write_wav
+from v2m.audio import frame_rms_db, write_wav
 from v2m.config import ChunkConfig, NormalizeConfig, SegmentConfig
 
 BACKENDS = ("musicgen", "audioldm")
@@ -44,6 +45,11 @@ def chunk_spans(n_samples: int, sr: int, chunk: ChunkConfig) -> list[tuple[int, 
     return spans
 
 
+def read_pcm16(path: str) -> np.ndarray:
+    data, _ = sf.read(path, dtype="int16")
+    return data if data.ndim == 1 else data[:, 0]
+
+
 def vocal_activity(vocal: np.ndarray, sr: int, threshold_dbfs: float) -> float:
     levels = frame_rms_db(vocal, sr)
     return float(np.mean(levels > threshold_dbfs)) if levels.size else 0.0
@@ -57,15 +63,16 @@ def segment_track(rec: dict[str, Any], cfg: SegmentConfig, norm: NormalizeConfig
     dropped = 0
     for backend in BACKENDS:
         sr, tag = rates[backend], rate_tag(rates[backend])
-        vocal, _ = read_mono(rec["normalized"][f"vocals_{tag}"])
-        inst, _ = read_mono(rec["normalized"][f"instrumental_{tag}"])
+        # Normalised files are mono 16-bit: cut them as int16, so chunks are exact copies (no re-quantising).
+        vocal = read_pcm16(rec["normalized"][f"vocals_{tag}"])
+        inst = read_pcm16(rec["normalized"][f"instrumental_{tag}"])
         n = min(len(vocal), len(inst))  # validate allowed a small length mismatch
         clap = None
         if backend == "audioldm":
-            clap, _ = read_mono(rec["normalized"][f"vocals_{rate_tag(norm.clap_sr)}"])
+            clap = read_pcm16(rec["normalized"][f"vocals_{rate_tag(norm.clap_sr)}"])
         chunks[backend] = []
         for i, (s, e) in enumerate(chunk_spans(n, sr, getattr(cfg, backend))):
-            active = vocal_activity(vocal[s:e], sr, cfg.vocal_active_dbfs)
+            active = vocal_activity(vocal[s:e] / np.float32(32768), sr, cfg.vocal_active_dbfs)
             if active < cfg.min_vocal_active:
                 dropped += 1
                 continue

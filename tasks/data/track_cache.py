@@ -142,11 +142,9 @@ def run_per_track(
             except Exception as exc:  # keep going: finished tracks stay cached
                 errors.append(f"{rec['track_id']}: {exc}")
     else:
-        # forkserver, not fork: forking a process whose BLAS/numba threads are running can crash the
-        # child. The server imports the stage's module once, so each worker still starts in milliseconds.
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload([getattr(fn, "func", fn).__module__])
-        with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
+        # fork: workers inherit the imported modules, so they start in milliseconds and callers need
+        # no `if __name__ == "__main__"` guard.
+        with ProcessPoolExecutor(n_workers, mp_context=mp.get_context("fork")) as pool:
             futures = {pool.submit(fn, rec): (rec, key) for rec, key in todo}
             for fut in as_completed(futures):
                 rec, key = futures[fut]
