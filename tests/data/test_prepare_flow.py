@@ -21,7 +21,7 @@ def prefect_harness(tmp_path_factory):
 
 
 def test_flow_runs_the_pipeline_and_returns_the_data_version(project: Path, prefect_harness) -> None:
-    state = prepare_data(project_dir=str(project), return_state=True)
+    state = prepare_data(project_dir=str(project), push=True, return_state=True)
     assert state.is_completed(), state
     version = state.result()
     assert version["stages_run"] == ["validate", "normalize", "label", "split", "segment"]
@@ -31,6 +31,9 @@ def test_flow_runs_the_pipeline_and_returns_the_data_version(project: Path, pref
     assert stats["tracks"] == 6 and stats["quarantined"] == 0 and stats["artists"] == 3
     assert sum(stats["splits"].values()) == 6 and stats["chunks_musicgen"] > 0
     assert json.loads((project / VERSION_FILE).read_text())["data_version"] == version["data_version"]
+    # The default remote is a local folder under .v2m/ that now holds the content-addressed files.
+    assert version["pushed_files"] > 0
+    assert len([p for p in (project / ".v2m" / "dvc-remote").rglob("*") if p.is_file()]) >= version["pushed_files"]
 
     again = prepare_data(project_dir=str(project))
     assert again["stages_run"] == [] and again["data_version"] == version["data_version"]
