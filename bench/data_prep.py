@@ -88,10 +88,11 @@ def main() -> None:
         audio_s = sum(t["duration_s"] for t in tracks)
         naive_s = naive(tracks, tmp / "naive", p)
 
-        # Change one track (a gain change: new bytes, same length) and re-run.
-        victim = Path(tracks[len(tracks) // 2]["vocals_path"])
-        y, sr = sf.read(victim)
-        sf.write(victim, 0.8 * y, sr, subtype=sf.info(victim).subtype)
+        # Change one track, both stems (a gain change: new bytes, same length), and re-run.
+        for stem in ("vocals", "instrumental"):
+            victim = Path(tracks[len(tracks) // 2][f"{stem}_path"])
+            y, sr = sf.read(victim)
+            sf.write(victim, 0.8 * y, sr, subtype=sf.info(victim).subtype)
         rerun = pipeline(raw, tmp / "work", p)
 
         n = len(tracks)

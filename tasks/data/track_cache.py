@@ -1,5 +1,7 @@
 """Per-track, content-addressed work cache shared by the per-track data stages.
 
+(The unit is whatever a stage makes records of: a track, or for normalize one stem of a track.)
+
 DVC skips a stage whose inputs did not change, but when one track of hundreds changes the whole stage
 reruns. Each stage therefore keeps, inside its own (DVC `persist: true`) output folder, one small JSON
 file per track: the key the track was last processed under and the record it produced. On a re-run a
@@ -43,6 +45,21 @@ class StageStats:
     def as_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "processed": self.processed, "reused": self.reused,
                 "removed": self.removed, "failed": self.failed}
+
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _pool(n_workers: int) -> ProcessPoolExecutor:
+    """One pool per size, kept for the process's life, so stages run back to back share their workers.
+
+    fork: workers inherit the imported modules, so they start in milliseconds and callers need no
+    `if __name__ == "__main__"` guard. A pool broken by a crashed worker is replaced.
+    """
+    pool = _POOLS.get(n_workers)
+    if pool is None or getattr(pool, "_broken", False):
+        pool = _POOLS[n_workers] = ProcessPoolExecutor(n_workers, mp_context=mp.get_context("fork"))
+    return pool
 
 
 def cache_key(*parts: Any) -> str:
@@ -142,16 +159,14 @@ def run_per_track(
             except Exception as exc:  # keep going: finished tracks stay cached
                 errors.append(f"{rec['track_id']}: {exc}")
     else:
-        # fork: workers inherit the imported modules, so they start in milliseconds and callers need
-        # no `if __name__ == "__main__"` guard.
-        with ProcessPoolExecutor(n_workers, mp_context=mp.get_context("fork")) as pool:
-            futures = {pool.submit(fn, rec): (rec, key) for rec, key in todo}
-            for fut in as_completed(futures):
-                rec, key = futures[fut]
-                try:
-                    _finish(rec, key, fut.result())
-                except Exception as exc:
-                    errors.append(f"{rec['track_id']}: {exc}")
+        pool = _pool(n_workers)
+        futures = {pool.submit(fn, rec): (rec, key) for rec, key in todo}
+        for fut in as_completed(futures):
+            rec, key = futures[fut]
+            try:
+                _finish(rec, key, fut.result())
+            except Exception as exc:
+                errors.append(f"{rec['track_id']}: {exc}")
     if errors:
         stats.failed = sorted(errors)
         raise StageError(f"stage {stage}: {len(errors)} track(s) failed (the others are cached):\n  "

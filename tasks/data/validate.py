@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 
 from tasks.data.track_cache import (cache_key, code_version, run_per_track, write_jsonl,
                                     write_stats)
-from v2m.audio import AUDIO_SUFFIXES, AudioError, file_sha256, peak_dbfs, read_audio
+from v2m.audio import AUDIO_SUFFIXES, file_sha256, peak_dbfs, read_audio
 from v2m.config import ValidateConfig
 
 METADATA_FILE = "metadata.csv"
@@ -127,15 +128,20 @@ def find_stem(track_dir: Path, stem: str, root: Path) -> Path:
 def check_audio(path: Path, cfg: ValidateConfig) -> tuple[float, int, int]:
     """Decode one stem and check it; return (duration_s, sample_rate, channels)."""
     try:
-        audio, sr = read_audio(path)
-    except AudioError as exc:
-        raise Rejected("unreadable", path, str(exc)) from None
+        # 16-bit PCM (most stems) decodes as int16 several times faster, and cannot hold NaN or inf.
+        pcm16 = sf.info(str(path)).subtype == "PCM_16"
+        audio, sr = read_audio(path, dtype="int16" if pcm16 else "float32")
+    except Exception as exc:  # AudioError, or sf.info's LibsndfileError on a file it cannot parse
+        raise Rejected("unreadable", path, f"{path}: cannot decode audio ({exc})") from None
     if audio.shape[1] == 0:
         raise Rejected("empty", path, f"{path}: no samples")
-    if not np.isfinite(audio).all():
-        bad = int((~np.isfinite(audio)).sum())
-        raise Rejected("nan_or_inf", path, f"{path}: {bad} NaN/inf sample(s)")
-    peak = peak_dbfs(audio)
+    if pcm16:
+        peak = 20 * np.log10(max(int(audio.max()), -int(audio.min()), 1) / 32768.0)
+    else:
+        if not np.isfinite(audio).all():
+            bad = int((~np.isfinite(audio)).sum())
+            raise Rejected("nan_or_inf", path, f"{path}: {bad} NaN/inf sample(s)")
+        peak = peak_dbfs(audio)
     if peak < cfg.silence_dbfs:
         raise Rejected("silent", path, f"{path}: peak {peak:.1f} dBFS is below {cfg.silence_dbfs} dBFS")
     return audio.shape[1] / sr, sr, audio.shape[0]
@@ -172,19 +178,17 @@ def validate_track(rec: dict[str, Any], cfg: ValidateConfig) -> dict[str, Any]:
     return {"ok": {
         "track_id": tid, **meta, "duration_s": round(duration, 4), "source_sr": sr, "channels": ch,
         "vocals_path": str(stems["vocals"]), "instrumental_path": str(stems["instrumental"]),
-        "vocals_sha256": rec["hashes"]["vocals"], "instrumental_sha256": rec["hashes"]["instrumental"],
+        "vocals_sha256": file_sha256(stems["vocals"]), "instrumental_sha256": file_sha256(stems["instrumental"]),
     }}
 
 
-def _stem_hashes(track_dir: Path) -> dict[str, str | None]:
-    """Content hashes of whatever stem files are present (cheap compared with decoding)."""
-    out: dict[str, str | None] = {}
+def _stem_stats(track_dir: Path) -> dict[str, list]:
+    """(name, size, mtime) of whatever stem files are present: a cheap change detector for the cache key,
+    as git and DVC do; the content hashes themselves are computed by the workers."""
+    out: dict[str, list] = {}
     for stem in STEMS:
-        files = sorted(p for p in track_dir.glob(f"{stem}.*") if p.is_file())
-        if len(files) == 1 and not files[0].is_symlink():
-            out[stem] = file_sha256(files[0])
-        else:  # absent, ambiguous or a link (never read through a link before it is checked)
-            out[stem] = "|".join(f"{p.name}->{p.resolve()}" for p in files) or None
+        out[stem] = [[p.name, p.lstat().st_size, p.lstat().st_mtime_ns]
+                     for p in sorted(track_dir.glob(f"{stem}.*")) if p.is_file()]
     return out
 
 
@@ -198,7 +202,7 @@ def validate_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: ValidateConf
     folders = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
     track_ids = sorted(folders | set(rows))
     records = [{"root": str(root), "track_id": tid, "row": rows.get(tid),
-                "hashes": _stem_hashes(root / tid) if tid in folders and TRACK_ID.match(tid) else {}}
+                "stat": _stem_stats(root / tid) if tid in folders and TRACK_ID.match(tid) else {}}
                for tid in track_ids]
     version = code_version(__file__)
     key_fn = lambda r: cache_key("validate", version, cfg.model_dump(), r)  # noqa: E731

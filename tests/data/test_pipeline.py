@@ -152,20 +152,27 @@ def test_rerun_redoes_only_the_changed_track(tmp_path: Path) -> None:
     make_dataset(raw, n_tracks=6, n_artists=3)
     first = run_all(raw, work)
     per_track = ("validate", "normalize", "label", "segment")
-    assert all(first[s]["stats"].processed == 6 for s in per_track)
+    # normalize works per stem (2 per track), the other stages per track.
+    assert [first[s]["stats"].processed for s in per_track] == [6, 12, 6, 6]
 
     again = run_all(raw, work)  # nothing changed
     assert [again[s]["stats"].processed for s in per_track] == [0, 0, 0, 0]
 
     write_track(raw, "t03", seed=99, seconds=12.0)  # new audio for one track
     changed = run_all(raw, work)
-    assert [changed[s]["stats"].processed for s in per_track] == [1, 1, 1, 1]
-    assert [changed[s]["stats"].reused for s in per_track] == [5, 5, 5, 5]
+    assert [changed[s]["stats"].processed for s in per_track] == [1, 2, 1, 1]
+    assert [changed[s]["stats"].reused for s in per_track] == [5, 10, 5, 5]
     # Its chunks now hold the new audio.
     new_norm = {t["track_id"]: t for t in changed["normalize"]["tracks"]}["t03"]["normalized"]["vocals_32k"]
     chunk = next(c for c in changed["segment"]["manifests"]["musicgen"] if c["track_id"] == "t03")
     np.testing.assert_array_equal(sf.read(chunk["vocals_path"])[0],
                                   sf.read(new_norm)[0][: len(sf.read(chunk["vocals_path"])[0])])
+
+    # A new vocal alone re-normalises only that stem.
+    vocal, sr = sf.read(raw / "t01" / "vocals.wav")
+    sf.write(raw / "t01" / "vocals.wav", 0.5 * vocal, sr)
+    vocal_only = run_all(raw, work)
+    assert [vocal_only[s]["stats"].processed for s in per_track] == [1, 1, 1, 1]
 
     # A removed track leaves no outputs behind.
     import shutil
@@ -173,5 +180,5 @@ def test_rerun_redoes_only_the_changed_track(tmp_path: Path) -> None:
     lines = (raw / "metadata.csv").read_text().splitlines()
     (raw / "metadata.csv").write_text("\n".join(l for l in lines if not l.startswith("t05,")) + "\n")
     removed = run_all(raw, work)
-    assert [removed[s]["stats"].removed for s in per_track] == [1, 1, 1, 1]
+    assert [removed[s]["stats"].removed for s in per_track] == [1, 2, 1, 1]
     assert not list(work.rglob("t05*"))
