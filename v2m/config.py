@@ -12,6 +12,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from v2m.config_audioldm import AudioLDMConfig
+from v2m.config_musicgen import MusicGenConfig
+
 PARAMS_FILE = "params.yaml"
 
 
@@ -126,11 +129,62 @@ class DvcConfig(Strict):
     s3: S3RemoteConfig = S3RemoteConfig()
 
 
+class TrainConfig(Strict):
+    """The shared trainer (tasks/training/trainer.py); one block per backend under `train:`."""
+    max_steps: int = Field(20, ge=1)
+    batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(2, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_uri: str = ""  # "" = local only; s3://bucket/prefix mirrors every checkpoint there
+    val_every: int = Field(10, ge=1)
+    val_batches: int = Field(2, ge=1)
+    deterministic: bool = True  # same seed -> same losses, and kill + resume reproduces them
+    samples: int = Field(2, ge=0)  # generated samples logged next to their input vocal
+    sample_duration_s: float = Field(2.0, gt=0)
+    finetune: Literal["full", "lora"] = "full"
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.checkpoint_uri and not self.checkpoint_uri.startswith("s3://"):
+            raise ValueError(f"checkpoint_uri must be empty or start with s3:// (got {self.checkpoint_uri!r})")
+        return self
+
+
+class TrainSection(Strict):
+    musicgen: TrainConfig = TrainConfig()
+    audioldm: TrainConfig = TrainConfig()
+
+
+class TrackingConfig(Strict):
+    """MLflow. Empty values = the embedded defaults under .v2m/ (or MLFLOW_TRACKING_URI if set)."""
+    uri: str = ""
+    artifact_location: str = ""
+
+
 class Params(Strict):
     seed: int = 42
     workers: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
     dvc: DvcConfig = DvcConfig()
+    musicgen: MusicGenConfig = MusicGenConfig()
+    audioldm: AudioLDMConfig = AudioLDMConfig()
+    train: TrainSection = TrainSection()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _presets_exist(self) -> "Params":
+        for name in ("musicgen", "audioldm"):
+            cfg = getattr(self, name)
+            if cfg.preset not in cfg.presets:
+                raise ValueError(f"{name}.preset {cfg.preset!r} is not one of {', '.join(cfg.presets)}")
+        return self
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

@@ -1,0 +1,106 @@
+"""The one small interface both backends implement: prepare, train_step, generate, save, load.
+
+Flows, the trainer, evaluation and the registry only ever talk to a `Backend`; they never branch on which
+one it is beyond choosing it by name (`models.get_backend`). Presets (tiny random-init architectures, or
+real weights from a local folder / s3:// URI) are configuration, not subclasses.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+# Conditioning modes a training run can use. MusicGen's two stages are "voice" then "voice_text";
+# AudioLDM's variants are "voice", "voice_text" and "refined" (voice_text with MusicGen-style prompts).
+CONDITIONINGS = ("voice", "voice_text")
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Real weights were asked for but are not where the configuration says; the message says what to put where."""
+
+
+class Backend(abc.ABC):
+    """A generative model that writes an instrumental for a vocal, optionally steered by a text prompt."""
+
+    name: ClassVar[str]  # "musicgen" | "audioldm"
+    sample_rate: int  # rate of the audio that generate() returns
+    module: nn.Module  # every weight that is trained or saved
+
+    # --- build & persist ----------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def from_preset(cls, cfg: Any, preset: str, seed: int = 0, init_audio: list[np.ndarray] | None = None,
+                    device: str = "cpu") -> "Backend":
+        """The base model of a preset: random init from its architecture config (tiny), or real weights from
+        `weights` (a local folder or an s3:// URI, downloaded once to .v2m/weights and integrity-checked).
+        `init_audio` (instrumental clips at `sample_rate`) seeds what random init cannot (MusicGen's codebooks)."""
+
+    @abc.abstractmethod
+    def save(self, directory: str | Path) -> None:
+        """Everything needed to load the model again, fine-tuned weights merged in (safetensors + json)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> "Backend":
+        """Inverse of save(): load(save(m)) gives bit-identical outputs."""
+
+    # --- prepare: cached model inputs ---------------------------------------------------------------
+    @abc.abstractmethod
+    def prepare(self, chunk: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Model inputs for one segment-manifest chunk (reads its audio files). The data pipeline caches
+        them, so training never re-encodes audio. Arrays only (saved with safetensors)."""
+
+    # --- train --------------------------------------------------------------------------------------
+    def setup_finetune(self, method: str = "full", **options: Any) -> None:
+        """Choose what trains: "full" (the generator's weights) or "lora" (adapters, peft). Default: full."""
+        if method != "full":
+            raise NotImplementedError(f"{self.name}: fine-tune method {method!r} is not supported")
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.trainable_parameters()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.trainable_parameters())
+        missing = set(params) - set(state)
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensor(s), e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
+
+    @abc.abstractmethod
+    def train_step(self, batch: list[dict[str, Any]], conditioning: str, generator: torch.Generator,
+                   train: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss on a batch of cached items (each: the arrays from prepare() plus "prompt": str).
+
+        conditioning "voice" never shows the text; "voice_text" shows both. With train=True each condition is
+        dropped independently at its configured rate (for classifier-free guidance) and clips are randomly
+        cropped, all drawn from `generator`; train=False (validation) does neither. Returns (loss, metrics)."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for memory; backends whose modules support it override this."""
+
+    # --- generate -----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def generate(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float,
+                 seed: int = 0, guidance_scale: float | None = None, steps: int | None = None) -> np.ndarray:
+        """An instrumental (float32 mono at self.sample_rate, duration_s long) for a vocal and/or a prompt:
+        voice only (prompt None), voice + text, or text only (vocal None). Deterministic given the seed."""
+
+    # --- conveniences shared by both ----------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def to(self, device: str | torch.device) -> "Backend":
+        self.module.to(device)
+        return self

@@ -1,0 +1,91 @@
+"""Where real weights come from: a local folder, or an s3:// prefix downloaded once into a local cache.
+
+Never a model-hub name: the user configures a path (params.yaml `<backend>.presets.<preset>.weights`).
+An S3 download lands in `<cache_root>/<bucket>/<prefix>/`, file by file through a temporary name, and is
+integrity-checked against the sizes (and, for single-part uploads, the MD5 ETags) the server reports; a
+`.complete.json` marker records what was verified, so later runs reuse the copy without network traffic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from models.base import WeightsNotFoundError
+
+DEFAULT_CACHE = Path(".v2m") / "weights"
+MARKER = ".complete.json"
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def s3_client(endpoint_url: str | None = None):
+    """boto3 S3 client; endpoint from the argument or AWS_ENDPOINT_URL / MLFLOW_S3_ENDPOINT_URL, credentials
+    from the environment or profile as boto3 resolves them."""
+    import boto3
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint or None)
+
+
+def download_s3_prefix(uri: str, cache_root: Path = DEFAULT_CACHE, endpoint_url: str | None = None) -> Path:
+    """Mirror s3://bucket/prefix into the cache (once) and return the local folder."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    prefix = prefix.strip("/")
+    local = Path(cache_root) / bucket / prefix
+    if (local / MARKER).is_file():
+        return local
+    client = s3_client(endpoint_url)
+    objects = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        objects += page.get("Contents", [])
+    if not objects:
+        raise WeightsNotFoundError(f"{uri}: no files under this S3 prefix; upload the model folder there "
+                                   f"(config.json, *.safetensors, tokenizer files) or point the preset's weights elsewhere")
+    verified = {}
+    for obj in objects:
+        rel = obj["Key"][len(prefix) + 1:]
+        if not rel or rel.endswith("/"):
+            continue
+        dest = local / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        client.download_file(bucket, obj["Key"], str(tmp))
+        if tmp.stat().st_size != obj["Size"]:
+            tmp.unlink()
+            raise IOError(f"{uri}/{rel}: downloaded {tmp.stat().st_size} bytes, the server lists {obj['Size']}")
+        etag = obj.get("ETag", "").strip('"')
+        if etag and "-" not in etag and _md5(tmp) != etag:  # multipart ETags are not plain MD5s
+            tmp.unlink()
+            raise IOError(f"{uri}/{rel}: MD5 does not match the server's ETag; the download is corrupt")
+        os.replace(tmp, dest)
+        verified[rel] = obj["Size"]
+    (local / MARKER).write_text(json.dumps({"uri": uri, "files": verified}, indent=1, sort_keys=True))
+    return local
+
+
+def resolve_weights(location: str, required: list[str], what: str, cache_root: Path = DEFAULT_CACHE) -> Path:
+    """A local folder holding `required` files, from a folder path or an s3:// URI.
+
+    Raises WeightsNotFoundError naming the location, the missing files, and what to put there.
+    """
+    if not location:
+        raise WeightsNotFoundError(f"{what}: no weights location configured; set the preset's `weights` in "
+                                   f"params.yaml to a local folder or an s3:// prefix")
+    folder = download_s3_prefix(location, cache_root) if location.startswith("s3://") else Path(location)
+    if not folder.is_dir():
+        raise WeightsNotFoundError(f"{what}: weights folder {folder} does not exist. Put the model's files "
+                                   f"({', '.join(required)}) there, or set the preset's `weights` in params.yaml "
+                                   f"to the folder or an s3:// prefix that holds them")
+    missing = [name for name in required if not (folder / name).exists()]
+    if missing:
+        raise WeightsNotFoundError(f"{what}: {folder} lacks {', '.join(missing)}; it must hold "
+                                   f"{', '.join(required)}")
+    return folder

@@ -1,0 +1,55 @@
+"""params.yaml `musicgen:` — MusicGen-Melody backend settings (schema only: pure pydantic, no torch)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MusicGenArch(_Strict):
+    """Architecture of a random-init preset (the real preset reads its own from the weights' config.json)."""
+    decoder_layers: int = Field(2, ge=1)
+    decoder_hidden: int = Field(64, ge=8)
+    decoder_heads: int = Field(4, ge=1)
+    decoder_ffn: int = Field(128, ge=8)
+    num_codebooks: int = Field(4, ge=1)
+    codebook_size: int = Field(2048, ge=2)
+    text_d_model: int = Field(32, ge=8)
+    text_layers: int = Field(2, ge=1)
+    text_heads: int = Field(2, ge=1)
+    text_ff: int = Field(64, ge=8)
+    text_vocab: int = Field(256, ge=32)
+
+
+class MusicGenPreset(_Strict):
+    weights: str = ""  # "" = random init from `arch`; else a local folder or s3://bucket/prefix of real files
+    arch: MusicGenArch = MusicGenArch()
+
+
+class ConditionDropout(_Strict):
+    text: float = Field(0.3, ge=0, le=1)
+    chroma: float = Field(0.2, ge=0, le=1)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "v_proj"]
+
+
+class MusicGenConfig(_Strict):
+    preset: str = "tiny"
+    presets: dict[str, MusicGenPreset] = {
+        "tiny": MusicGenPreset(),
+        "melody-1.5b": MusicGenPreset(weights=".v2m/weights/musicgen-melody"),
+    }
+    prompt_template: str = "{genre} music for input vocals"
+    condition_dropout: ConditionDropout = ConditionDropout()
+    guidance_scale: float = Field(3.0, ge=0)
+    finetune: str = Field("full", pattern="^(full|lora)$")
+    lora: LoraConfig = LoraConfig()
+    crop_s: float = Field(30.0, gt=0)  # training window cut from each cached chunk
