@@ -15,3 +15,24 @@ def get_backend(name: str):
         from models.audioldm import AudioLDMBackend
         return AudioLDMBackend
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+MARKER = "v2m_model.json"
+
+
+def save_model(backend, directory) -> None:
+    """backend.save() plus a marker naming the backend, so a folder alone is enough to load it again."""
+    import json
+    from pathlib import Path
+    backend.save(directory)
+    (Path(directory) / MARKER).write_text(json.dumps({"backend": backend.name}))
+
+
+def load_model(directory, device: str = "cpu"):
+    """Load a folder written by save_model (a fine-tuned model or a base model)."""
+    import json
+    from pathlib import Path
+    marker = Path(directory) / MARKER
+    if not marker.is_file():
+        raise FileNotFoundError(f"{directory}: not a saved voice2music model (no {MARKER})")
+    return get_backend(json.loads(marker.read_text())["backend"]).load(Path(directory), device=device)

@@ -16,12 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from v2m.errors import UserError
+
 # Conditioning modes a training run can use. MusicGen's two stages are "voice" then "voice_text";
 # AudioLDM's variants are "voice", "voice_text" and "refined" (voice_text with MusicGen-style prompts).
 CONDITIONINGS = ("voice", "voice_text")
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserError, FileNotFoundError):
     """Real weights were asked for but are not where the configuration says; the message says what to put where."""
 
 
@@ -29,6 +31,7 @@ class Backend(abc.ABC):
     """A generative model that writes an instrumental for a vocal, optionally steered by a text prompt."""
 
     name: ClassVar[str]  # "musicgen" | "audioldm"
+    mode_tag: ClassVar[str] = "stage"  # what a training mode is called in tags: MusicGen "stage", AudioLDM "variant"
     sample_rate: int  # rate of the audio that generate() returns
     module: nn.Module  # every weight that is trained or saved
 

@@ -15,10 +15,12 @@ import scipy.signal
 import soundfile as sf
 import soxr
 
+from v2m.errors import UserError
+
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3")
 
 
-class AudioError(ValueError):
+class AudioError(UserError, ValueError):
     """A file could not be used as audio; the message names the file and the problem."""
 
 
@@ -39,6 +41,24 @@ def read_mono(path: str | Path, start: int = 0, stop: int | None = None) -> tupl
     except Exception as exc:
         raise AudioError(f"{path}: cannot decode audio ({exc})") from exc
     return data.mean(axis=1), int(sr)
+
+
+def load_vocal(path: str | Path, min_duration_s: float = 1.0, silence_dbfs: float = -60.0) -> tuple[np.ndarray, int]:
+    """A vocal to generate from, checked: a supported format, decodable, finite, long enough, not silent."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: file not found")
+    if path.suffix.lower() not in AUDIO_SUFFIXES + (".ogg",):
+        raise AudioError(f"{path}: unsupported format {path.suffix!r}; use wav, flac, mp3 or ogg")
+    audio, sr = read_audio(path)
+    mono = to_mono(audio)
+    if not np.isfinite(mono).all():
+        raise AudioError(f"{path}: the audio holds NaN or infinite samples")
+    if len(mono) < min_duration_s * sr:
+        raise AudioError(f"{path}: {len(mono) / sr:.2f} s is too short; a vocal needs at least {min_duration_s} s")
+    if peak_dbfs(mono) < silence_dbfs:
+        raise AudioError(f"{path}: the vocal is silent (peak {peak_dbfs(mono):.1f} dBFS < {silence_dbfs} dBFS)")
+    return mono, sr
 
 
 def to_mono(audio: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from v2m.config import ConfigError, Params, load_params
+from v2m.errors import UserError
 
 app = typer.Typer(help="voice2music: turn singing into instrumentals; train, measure and promote the models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -46,12 +47,9 @@ def params_or_fail(path: Path) -> Params:
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the errors a user can fix (bad files, bad config) into exit code 1 with the message."""
-    from tasks.data.split import SplitError
-    from tasks.data.track_cache import StageError
-    from tasks.data.validate import DataError
     try:
         yield
-    except (ConfigError, DataError, SplitError, StageError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         fail(str(exc))
 
 
@@ -183,6 +181,80 @@ def data_version_cmd() -> None:
     from tasks.data.versioning import data_version
     with user_errors():
         report(data_version(Path.cwd()))
+
+
+@data_app.command("cache")
+def data_cache(backend: Annotated[str, typer.Option(help="musicgen or audioldm.")],
+               segments: Path = Path("data/segments"), params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Cache a backend's model inputs per chunk (codes / latents / embeddings) for training."""
+    from tasks.data.cache_inputs import cache_dataset
+    p = params_or_fail(params)
+    with user_errors(), progress_bar(f"cache {backend}") as update:
+        res = cache_dataset(p, backend, segments, progress=update)
+    console.print(f"cache {backend}: {len(res['index'])} chunks; {res['stats'].processed} encoded, "
+                  f"{res['stats'].reused} reused; base model: {res['base_model']}")
+
+
+@app.command("train")
+def train_cmd(backend: Annotated[str, typer.Option(help="musicgen or audioldm.")],
+              stage: Annotated[str | None, typer.Option(help="MusicGen stage: voice, then voice_text.")] = None,
+              variant: Annotated[str | None, typer.Option(help="AudioLDM variant: voice, voice_text or refined.")] = None,
+              preset: Annotated[str | None, typer.Option(help="Override <backend>.preset.")] = None,
+              max_steps: Annotated[int | None, typer.Option(help="Override train.<backend>.max_steps.")] = None,
+              init_from: Annotated[str, typer.Option(help="auto (stage 2 starts from stage 1), base, or a model folder.")] = "auto",
+              params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Fine-tune a backend (resumes an interrupted run with the same settings; a finished one is reused)."""
+    from tasks.training.finetune import finetune
+    p = params_or_fail(params)
+    if preset:
+        p = p.model_copy(update={backend: getattr(p, backend).model_copy(update={"preset": preset})})
+    mode = stage or variant or "voice"
+    with user_errors():
+        res = finetune(p, backend, mode, Path.cwd(), init_from=init_from, max_steps=max_steps)
+    what = "trained" if res.trained else "already trained (cache hit)"
+    console.print(f"{backend} {mode}: {what}; run {res.run_id}; model {res.model_uri}")
+    report({"run_id": res.run_id, "model_dir": res.model_dir, "model_uri": res.model_uri,
+            "final_loss": res.losses[-1] if res.losses else None, "resumed_from": res.resumed_from})
+
+
+@app.command("generate")
+def generate_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="Output .wav file.")],
+                 duration: Annotated[float, typer.Option(help="Seconds of audio to generate.")] = 8.0,
+                 model: Annotated[str | None, typer.Option(help="NAME@alias, NAME/version or runs:/RUN_ID.")] = None,
+                 checkpoint: Annotated[Path | None, typer.Option(help="A saved model folder.")] = None,
+                 vocal: Annotated[Path | None, typer.Option(help="The vocal (wav, flac, mp3, ogg); omit for text only.")] = None,
+                 prompt: Annotated[str | None, typer.Option(help='Text prompt, e.g. "Disco music for input vocals".')] = None,
+                 backend: Annotated[str | None, typer.Option(help="Backend name (checked against the model).")] = None,
+                 seed: int = 0, guidance: Annotated[float | None, typer.Option(help="Guidance scale.")] = None,
+                 steps: Annotated[int | None, typer.Option(help="Diffusion steps (AudioLDM).")] = None,
+                 params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Generate an instrumental for a vocal and/or a prompt, from a registered model, a run or a folder."""
+    from models.refs import ModelRefError, resolve_model
+    from v2m.audio import AudioError, load_vocal, write_wav
+    from v2m.tracking import setup_mlflow
+    if (model is None) == (checkpoint is None):
+        console.print("error: give exactly one of --model or --checkpoint")
+        raise typer.Exit(2)
+    if vocal is None and not prompt:
+        console.print("error: give a --vocal, a --prompt, or both")
+        raise typer.Exit(2)
+    if duration <= 0:
+        fail(f"--duration must be positive (got {duration})")
+    try:
+        voice, sr = load_vocal(vocal) if vocal is not None else (None, 0)
+    except AudioError as exc:
+        fail(str(exc))
+    p = params_or_fail(params)
+    setup_mlflow(p, Path.cwd())
+    try:
+        b = resolve_model(str(checkpoint or model))
+    except (ModelRefError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if backend and backend != b.name:
+        fail(f"{checkpoint or model} is a {b.name} model, not {backend}")
+    audio = b.generate(voice, sr, prompt, duration, seed=seed, guidance_scale=guidance, steps=steps)
+    write_wav(out, audio, b.sample_rate)
+    console.print(f"wrote {out} ({len(audio) / b.sample_rate:.2f} s at {b.sample_rate} Hz, {b.name})")
 
 
 @app.command("config")

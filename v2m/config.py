@@ -13,12 +13,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from v2m.config_audioldm import AudioLDMConfig
+from v2m.errors import UserError
 from v2m.config_musicgen import MusicGenConfig
 
 PARAMS_FILE = "params.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The configuration is wrong; the message names the file, the key and the reason."""
 
 

@@ -15,12 +15,13 @@ from typing import Any
 
 from tasks.data.track_cache import read_jsonl, write_jsonl
 from v2m.config import SplitConfig
+from v2m.errors import UserError
 
 SPLITS = ("train", "val", "test")
 
 
-class SplitError(ValueError):
-    pass
+class SplitError(UserError, ValueError):
+    """Too few artists for the configured splits."""
 
 
 def assign_splits(tracks: list[dict[str, Any]], cfg: SplitConfig, seed: int) -> dict[str, str]:

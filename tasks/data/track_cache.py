@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from v2m.errors import UserError
+
 CACHE_DIR = ".cache"
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """Some tracks failed in a stage; the message lists each track and its error."""
 
 

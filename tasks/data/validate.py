@@ -20,6 +20,7 @@ from tasks.data.track_cache import (cache_key, code_version, run_per_track, writ
                                     write_stats)
 from v2m.audio import AUDIO_SUFFIXES, file_sha256, peak_dbfs, read_audio
 from v2m.config import ValidateConfig
+from v2m.errors import UserError
 
 METADATA_FILE = "metadata.csv"
 METADATA_COLUMNS = ("track_id", "artist", "title", "genre", "bpm", "key", "mood", "language")
@@ -45,7 +46,7 @@ REASONS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The dataset as a whole cannot be read (not one bad track); the message names the file."""
 
 

@@ -1,0 +1,54 @@
+"""The MLflow pyfunc wrapper: a logged or registered model that generates from a vocal plus a prompt.
+
+    model = mlflow.pyfunc.load_model("models:/voice2music-musicgen@champion")
+    out = model.predict(pd.DataFrame([{"vocal_path": "take.wav", "prompt": "Disco music for input vocals",
+                                        "duration_s": 8.0, "seed": 0}]))
+    out.loc[0, "audio"]  # float32 mono at out.loc[0, "sample_rate"]
+
+`vocal_path` may be empty/None (text only) and `prompt` empty/None (voice only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+
+from v2m.audio import read_mono
+
+# What a serving environment needs besides this project (pip install voice2music[ml] provides all).
+PIP_REQUIREMENTS = ["voice2music[ml]", "torch", "transformers", "diffusers", "peft", "safetensors", "soundfile",
+                    "soxr", "pandas", "mlflow"]
+
+
+def _given(value: Any) -> Any:
+    """None for absent cells (None or NaN: pandas fills a missing column with NaN)."""
+    return None if value is None or (isinstance(value, float) and value != value) else value
+
+
+class InstrumentalGenerator(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from models import get_backend
+        self.backend = get_backend(context.model_config["backend"]).load(Path(context.artifacts["model"]))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        rows = []
+        for row in model_input.to_dict("records"):
+            vocal, sr = (None, 0)
+            if row.get("vocal_path"):
+                vocal, sr = read_mono(row["vocal_path"])
+            audio = self.backend.generate(vocal, sr, row.get("prompt") or None, float(row.get("duration_s", 8.0)),
+                                          seed=int(row.get("seed", 0)), guidance_scale=_given(row.get("guidance_scale")),
+                                          steps=None if _given(row.get("steps")) is None else int(row["steps"]))
+            rows.append({"audio": audio, "sample_rate": self.backend.sample_rate})
+        return pd.DataFrame(rows)
+
+
+def log_pyfunc(backend_name: str, model_dir: Path) -> str:
+    """Log the saved model folder as this run's pyfunc model (MLflow 3: name=...); returns the model URI."""
+    info = mlflow.pyfunc.log_model(name="model", python_model=InstrumentalGenerator(),
+                                   artifacts={"model": str(model_dir)}, model_config={"backend": backend_name},
+                                   pip_requirements=PIP_REQUIREMENTS)
+    return info.model_uri

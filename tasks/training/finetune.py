@@ -1,0 +1,164 @@
+"""One fine-tuning run, end to end: cached inputs -> trainer -> MLflow run with samples and a pyfunc model.
+
+    base model (or the previous stage's model) -> setup_finetune -> train (resumable) -> save
+        -> samples (input vocal next to the generated instrumental) -> log_model(name="model")
+
+The run folder `.v2m/runs/<backend>-<mode>-<key>/` is named by everything that determines the result
+(backend, mode, preset, training config, data version, starting point). Running the same command again
+resumes an interrupted run, or returns the finished one without training: a cache hit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models import get_backend, load_model, save_model
+from models.base import Backend
+from tasks.data.cache_inputs import CACHE_ROOT, load_base, load_split
+from tasks.data.track_cache import cache_key
+from tasks.training.trainer import train
+from v2m.audio import read_mono, write_wav
+from v2m.config import Params
+from v2m.errors import UserError
+from v2m.tracking import EXPERIMENTS, experiment_id, flatten, git_commit, setup_mlflow
+
+MODES = ("voice", "voice_text", "refined")  # refined = voice_text with the refined prompt template
+
+
+class FinetuneError(UserError, ValueError):
+    """The run cannot start as asked (unknown mode, missing previous stage); the message says what to do."""
+
+
+@dataclass
+class FinetuneResult:
+    run_id: str
+    run_dir: str
+    model_dir: str
+    model_uri: str
+    losses: list[float]
+    trained: bool  # False when a finished run with the same key was found (cache hit)
+    resumed_from: int
+
+
+def mode_settings(params: Params, backend: str, mode: str) -> tuple[str, str]:
+    """(conditioning, prompt template) of a mode."""
+    cfg = getattr(params, backend)
+    if mode not in MODES:
+        raise FinetuneError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "refined":
+        if not hasattr(cfg, "refined_prompt_template"):
+            raise FinetuneError(f"{backend} has no refined-prompt variant (params.yaml {backend}.refined_prompt_template)")
+        return "voice_text", cfg.refined_prompt_template
+    return mode, cfg.prompt_template
+
+
+def data_version_of(root: Path) -> str:
+    path = root / ".v2m" / "data_version.json"
+    return json.loads(path.read_text())["data_version"] if path.is_file() else "unversioned"
+
+
+def previous_stage_model(params: Params, backend: str, root: Path, data_version: str) -> str:
+    """MusicGen's stage 2 starts from stage 1: the newest finished `voice` run on the same preset and data."""
+    import mlflow
+    exp = experiment_id(EXPERIMENTS[backend], params, root)
+    preset = getattr(params, backend).preset
+    runs = mlflow.search_runs([exp], filter_string=(
+        f"tags.backend = '{backend}' and tags.stage = 'voice' and tags.preset = '{preset}' and "
+        f"tags.data_version = '{data_version}' and attributes.status = 'FINISHED'"),
+        order_by=["attributes.end_time DESC"], max_results=1, output_format="list")
+    if not runs:
+        raise FinetuneError(f"{backend} stage voice_text starts from a finished stage `voice` run on preset "
+                            f"{preset!r} and data {data_version}; run `v2m train --backend {backend} --stage voice` "
+                            f"first, or pass --init-from base")
+    return runs[0].data.tags["model_dir"]
+
+
+def log_samples(backend: Backend, items, n: int, duration_s: float, conditioning: str, out: Path) -> list[Path]:
+    """Generate for the first n validation chunks; write each input vocal next to its instrumental."""
+    import mlflow
+    written = []
+    for i in range(min(n, len(items))):
+        meta = items[i]["meta"]
+        vocal, sr = read_mono(meta["vocals_path"])
+        vocal = vocal[: int(duration_s * sr)]
+        prompt = items[i]["prompt"] if conditioning == "voice_text" else None
+        audio = backend.generate(vocal, sr, prompt, duration_s, seed=i)
+        for name, wav, rate in (("vocal", vocal, sr), ("generated", audio, backend.sample_rate)):
+            path = out / f"{meta['chunk_id']}_{name}.wav"
+            write_wav(path, wav, rate)
+            written.append(path)
+        mlflow.log_text(json.dumps({"chunk": meta["chunk_id"], "prompt": prompt}), f"samples/{meta['chunk_id']}.json")
+    for path in written:
+        mlflow.log_artifact(str(path), "samples")
+    return written
+
+
+def finetune(params: Params, backend_name: str, mode: str, root: Path = Path("."), init_from: str = "auto",
+             max_steps: int | None = None, stop_after: int | None = None) -> FinetuneResult:
+    """Fine-tune one backend in one mode (a stage for MusicGen, a variant for AudioLDM)."""
+    import mlflow
+
+    from models.pyfunc import log_pyfunc
+    root = Path(root).resolve()
+    conditioning, template = mode_settings(params, backend_name, mode)
+    cls, bcfg = get_backend(backend_name), getattr(params, backend_name)
+    tcfg = getattr(params.train, backend_name)
+    if max_steps is not None:
+        tcfg = tcfg.model_copy(update={"max_steps": max_steps})
+    setup_mlflow(params, root)
+    data_version = data_version_of(root)
+    cache_dir = root / CACHE_ROOT / backend_name
+    if init_from == "auto":
+        init_from = previous_stage_model(params, backend_name, root, data_version) \
+            if (cls.mode_tag == "stage" and mode == "voice_text") else "base"
+
+    key = cache_key(backend_name, mode, bcfg.model_dump(), tcfg.model_dump(), params.seed, data_version, init_from,
+                    (cache_dir / "index.jsonl").read_text() if (cache_dir / "index.jsonl").is_file() else "")[:10]
+    run_dir = root / ".v2m" / "runs" / f"{backend_name}-{mode}-{key}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done = run_dir / "finished.json"
+    if done.is_file():
+        return FinetuneResult(**{**json.loads(done.read_text()), "trained": False})
+
+    backend, base_info = load_base(params, backend_name, cache_dir)
+    if init_from != "base":
+        backend = load_model(Path(init_from))
+    backend.setup_finetune(tcfg.finetune, **(bcfg.lora.model_dump() if tcfg.finetune == "lora" else {}))
+    train_items = load_split(cache_dir, "train", template)
+    val_items = load_split(cache_dir, "val", template)
+
+    run_id_file = run_dir / "mlflow_run_id"
+    exp = experiment_id(EXPERIMENTS[backend_name], params, root)
+    with mlflow.start_run(run_id=run_id_file.read_text() if run_id_file.is_file() else None, experiment_id=exp,
+                          run_name=f"{backend_name}-{mode}-{bcfg.preset}") as run:
+        run_id_file.write_text(run.info.run_id)
+        if not (run_dir / "params_logged").exists():
+            mlflow.log_params(flatten({"backend": backend_name, "mode": mode, "conditioning": conditioning,
+                                       "seed": params.seed, "init_from": init_from,
+                                       "train": tcfg.model_dump(), backend_name: bcfg.model_dump(),
+                                       "data.segment": params.data.segment.model_dump()}))
+            mlflow.set_tags({"backend": backend_name, cls.mode_tag: mode, "preset": bcfg.preset,
+                             "base_model": base_info["base_model"], "data_version": data_version,
+                             "git_commit": git_commit(root), "init_from": init_from})
+            (run_dir / "params_logged").touch()
+        result = train(backend, train_items, val_items, tcfg, conditioning, run_dir, params.seed,
+                       log=lambda m, step: mlflow.log_metrics(m, step=step), stop_after=stop_after)
+        if result.steps < tcfg.max_steps:  # stopped early on purpose (stop_after): resume later
+            mlflow.end_run(status="KILLED")
+            return FinetuneResult(run.info.run_id, str(run_dir), "", "", result.losses, True, result.resumed_from)
+        model_dir = run_dir / "model"
+        save_model(backend, model_dir)
+        log_samples(backend, val_items or train_items, tcfg.samples, tcfg.sample_duration_s, conditioning,
+                    run_dir / "samples")
+        model_uri = log_pyfunc(backend_name, model_dir)
+        mlflow.set_tag("model_dir", str(model_dir))
+        mlflow.log_metric("train/final_loss", float(np.mean(result.losses[-3:])))
+    out = FinetuneResult(run.info.run_id, str(run_dir), str(model_dir), model_uri, result.losses, True,
+                         result.resumed_from)
+    done.write_text(json.dumps({k: v for k, v in asdict(out).items() if k != "trained"}))
+    return out
