@@ -169,6 +169,15 @@ class TrackingConfig(Strict):
     artifact_location: str = ""
 
 
+class PromotionConfig(Strict):
+    """Gates a challenger must pass to become champion (tasks/registry/promotion.py)."""
+    fad_min_improvement: float = Field(0.0, ge=0, lt=1)  # relative: FAD <= champion's x (1 - this)
+    harmonic_fit_max_drop: float = Field(0.02, ge=0)  # absolute, on eval/harmonic_fit
+    breakdown_max_regression: float = Field(0.05, ge=0)  # per language and per genre harmonic fit
+    required_metrics: list[str] = ["eval/fad", "eval/harmonic_fit", "eval/chroma_cosine", "eval/sanity_pass"]
+    manual_approval: bool = False
+
+
 class Params(Strict):
     seed: int = 42
     workers: int = Field(0, ge=0)
@@ -178,6 +187,7 @@ class Params(Strict):
     audioldm: AudioLDMConfig = AudioLDMConfig()
     train: TrainSection = TrainSection()
     tracking: TrackingConfig = TrackingConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
     @model_validator(mode="after")
     def _presets_exist(self) -> "Params":
