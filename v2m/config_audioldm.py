@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -11,8 +13,10 @@ class _Strict(BaseModel):
 
 class AudioLDMArch(_Strict):
     """Architecture of a random-init preset (the real preset reads its own from the weights' configs)."""
-    unet_channels: list[int] = [32, 64]
+    unet_channels: list[int] = Field([32, 64], min_length=1)
     latent_channels: int = Field(8, ge=1)
+    vae_channels: list[int] = Field([16, 32, 32], min_length=1)  # 3 levels = 4x down, as AudioLDM's VAE
+    vocoder_channels: int = Field(32, ge=32)  # HiFi-GAN halves it 5 times
     clap_dim: int = Field(32, ge=8)  # projection dim of the tiny CLAP (512 for the real one)
 
 
@@ -35,6 +39,9 @@ class AudioLDMConfig(_Strict):
     prompt_template: str = "{genre} music for input vocals"
     refined_prompt_template: str = "{genre} music, {mood} mood, {bpm:.0f} bpm, in {key}"
     condition_dropout: ConditionDropout = ConditionDropout()
+    # The "no text" condition: "empty_prompt" = CLAP embedding of "" (what AudioLDM was trained and guided with,
+    # so the base model's guidance is unchanged at step 0); "zero" = a zero vector. "No vocal" is always zero.
+    null_text: Literal["empty_prompt", "zero"] = "empty_prompt"
     guidance_scale: float = Field(2.5, ge=0)
     inference_steps: int = Field(50, ge=1)
-    crop_s: float = Field(20.0, gt=0)
+    crop_s: float = Field(10.24, gt=0)  # AudioLDM's training clip length
