@@ -149,7 +149,6 @@ class TrainConfig(Strict):
     deterministic: bool = True  # same seed -> same losses, and kill + resume reproduces them
     samples: int = Field(2, ge=0)  # generated samples logged next to their input vocal
     sample_duration_s: float = Field(2.0, gt=0)
-    finetune: Literal["full", "lora"] = "full"
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

@@ -21,7 +21,9 @@ class MusicGenArch(_Strict):
     text_layers: int = Field(2, ge=1)
     text_heads: int = Field(2, ge=1)
     text_ff: int = Field(64, ge=8)
-    text_vocab: int = Field(256, ge=32)
+    text_vocab: int = Field(256, ge=32, le=256)  # the tiny tokenizer is trained on a built-in prompt corpus
+    codec_filters: int = Field(4, ge=1)  # EnCodec's first conv width (64 in the real 32 kHz codec)
+    codec_dim: int = Field(16, ge=2)  # EnCodec latent / codebook vector size (128 in the real codec)
 
 
 class MusicGenPreset(_Strict):
@@ -30,8 +32,9 @@ class MusicGenPreset(_Strict):
 
 
 class ConditionDropout(_Strict):
-    text: float = Field(0.3, ge=0, le=1)
-    chroma: float = Field(0.2, ge=0, le=1)
+    """Per-item, independent probabilities of training without a condition (classifier-free guidance)."""
+    text: float = Field(0.3, ge=0, le=1)  # dropped text = empty prompt with an all-zero attention mask
+    chroma: float = Field(0.2, ge=0, le=1)  # dropped chroma = the model's null melody (one-hot bin 0 everywhere)
 
 
 class LoraConfig(_Strict):
@@ -49,7 +52,8 @@ class MusicGenConfig(_Strict):
     }
     prompt_template: str = "{genre} music for input vocals"
     condition_dropout: ConditionDropout = ConditionDropout()
-    guidance_scale: float = Field(3.0, ge=0)
+    guidance_scale: float = Field(3.0, ge=0)  # <= 1 turns classifier-free guidance off
+    top_k: int = Field(250, ge=0)  # sampling: MusicGen's default top-k; 0 = full distribution
     finetune: str = Field("full", pattern="^(full|lora)$")
     lora: LoraConfig = LoraConfig()
     crop_s: float = Field(30.0, gt=0)  # training window cut from each cached chunk

@@ -128,8 +128,8 @@ def finetune(params: Params, backend_name: str, mode: str, root: Path = Path("."
     backend, base_info = load_base(params, backend_name, cache_dir)
     if init_from != "base":
         backend = load_model(Path(init_from))
-    lora = getattr(bcfg, "lora", None)  # only backends that support LoRA configure it
-    backend.setup_finetune(tcfg.finetune, **(lora.model_dump() if tcfg.finetune == "lora" and lora else {}))
+    method = getattr(bcfg, "finetune", "full")  # only backends that offer LoRA configure a method
+    backend.setup_finetune(method, **(bcfg.lora.model_dump() if method == "lora" else {}))
     train_items = load_split(cache_dir, "train", template)
     val_items = load_split(cache_dir, "val", template)
 
