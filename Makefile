@@ -19,14 +19,22 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 demo: setup
 	$(BIN)/v2m data demo --out data/raw
 	$(BIN)/v2m data prepare
+	$(BIN)/v2m train --backend musicgen --stage voice
+	$(BIN)/v2m train --backend musicgen --stage voice_text
+	$(BIN)/v2m train --backend audioldm --variant voice
+	$(BIN)/v2m train --backend audioldm --variant voice_text
+	$(BIN)/v2m train --backend audioldm --variant refined
 	@echo "Results: data/segments/{musicgen,audioldm}.jsonl (chunk manifests), data/validated/quarantine.jsonl,"
-	@echo "         .v2m/data_version.json (data version), data/raw/DATASET_CARD.md"
+	@echo "         .v2m/data_version.json (data version), data/raw/DATASET_CARD.md,"
+	@echo "         .v2m/runs/ (checkpoints, models, samples); MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///.v2m/mlflow.db"
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python bench/data_prep.py
+	$(BIN)/python bench/cached_inputs.py --backend musicgen
+	$(BIN)/python bench/cached_inputs.py --backend audioldm
 
 setup: $(STAMP)
 

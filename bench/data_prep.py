@@ -24,7 +24,6 @@ import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.data.label import label_dataset  # noqa: E402
 from tasks.data.normalize import normalize_dataset  # noqa: E402
 from tasks.data.segment import chunk_spans  # noqa: E402
 from tasks.data.segment import segment_dataset  # noqa: E402
@@ -44,6 +43,7 @@ def pipeline(raw: Path, work: Path, p) -> dict[str, float]:
     split_dataset(work / "normalized", work / "split", d.split, p.seed)
     segment_dataset(work / "split", work / "segments", d.segment, d.normalize, p.workers)
     times["pipeline"] = time.perf_counter() - t
+    from tasks.data.label import label_dataset  # imported late: librosa brings numba's threads (see track_cache._pool)
     t = time.perf_counter()
     label_dataset(work / "normalized", work / "labelled", d.label, d.normalize.audioldm_sr, p.workers)
     times["label"] = time.perf_counter() - t

@@ -20,6 +20,13 @@ def get_backend(name: str):
 MARKER = "v2m_model.json"
 
 
+def configure_torch(threads: int) -> None:
+    """Apply params.yaml `torch_threads` (0 = leave torch's default)."""
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
 def save_model(backend, directory) -> None:
     """backend.save() plus a marker naming the backend, so a folder alone is enough to load it again."""
     import json

@@ -109,7 +109,7 @@ def project(tmp_path: Path) -> Path:
     proj = tmp_path / "project"
     proj.mkdir()
     shutil.copy(ROOT / "dvc.yaml", proj)
-    for pkg in ("tasks", "v2m"):  # dvc.yaml lists code files as deps
+    for pkg in ("tasks", "v2m", "models"):  # dvc.yaml lists code files as deps
         shutil.copytree(ROOT / pkg, proj / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     text = (ROOT / "params.yaml").read_text()
     text = (text.replace("musicgen: {chunk_s: 30.0, hop_s: 30.0, min_chunk_s: 10.0}",

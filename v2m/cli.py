@@ -25,7 +25,7 @@ data_app = typer.Typer(help="Build, validate and prepare datasets (the DVC pipel
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # no wrapping: messages stay greppable
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Configuration file.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 DEFAULT_PARAMS = Path("params.yaml")
@@ -229,8 +229,8 @@ def generate_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="Output .
                  steps: Annotated[int | None, typer.Option(help="Diffusion steps (AudioLDM).")] = None,
                  params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Generate an instrumental for a vocal and/or a prompt, from a registered model, a run or a folder."""
-    from models.refs import ModelRefError, resolve_model
-    from v2m.audio import AudioError, load_vocal, write_wav
+    from models.refs import resolve_model
+    from v2m.audio import load_vocal, write_wav
     from v2m.tracking import setup_mlflow
     if (model is None) == (checkpoint is None):
         console.print("error: give exactly one of --model or --checkpoint")
@@ -240,21 +240,30 @@ def generate_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="Output .
         raise typer.Exit(2)
     if duration <= 0:
         fail(f"--duration must be positive (got {duration})")
-    try:
-        voice, sr = load_vocal(vocal) if vocal is not None else (None, 0)
-    except AudioError as exc:
-        fail(str(exc))
     p = params_or_fail(params)
-    setup_mlflow(p, Path.cwd())
-    try:
+    with user_errors():
+        voice, sr = load_vocal(vocal) if vocal is not None else (None, 0)
+        setup_mlflow(p, Path.cwd())
         b = resolve_model(str(checkpoint or model))
-    except (ModelRefError, FileNotFoundError) as exc:
-        fail(str(exc))
     if backend and backend != b.name:
         fail(f"{checkpoint or model} is a {b.name} model, not {backend}")
     audio = b.generate(voice, sr, prompt, duration, seed=seed, guidance_scale=guidance, steps=steps)
     write_wav(out, audio, b.sample_rate)
     console.print(f"wrote {out} ({len(audio) / b.sample_rate:.2f} s at {b.sample_rate} Hz, {b.name})")
+
+
+@app.command("evaluate")
+def evaluate_cmd(model: Annotated[str, typer.Option(help="NAME@alias, NAME/version, runs:/RUN_ID, a folder, or base:<backend>.")],
+                 split: Annotated[str | None, typer.Option(help="Override evaluation.split.")] = None,
+                 params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Generate for every test vocal and score it (harmonic fit, FAD, key/tempo, sanity) into MLflow."""
+    from tasks.evaluation.evaluate import evaluate
+    p = params_or_fail(params)
+    with user_errors():
+        res = evaluate(p, Path.cwd(), model, split)
+    headline = {k: round(v, 4) for k, v in res.metrics.items() if k.count("/") == 1}
+    console.print(f"evaluated {model} ({res.backend}) on {len(res.rows)} samples; run {res.run_id}")
+    report({"run_id": res.run_id, "metrics": headline})
 
 
 @app.command("config")

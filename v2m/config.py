@@ -168,6 +168,16 @@ class TrackingConfig(Strict):
     artifact_location: str = ""
 
 
+class EvaluationConfig(Strict):
+    """tasks/evaluation/evaluate.py: what is generated and how it is scored."""
+    split: Literal["train", "val", "test"] = "test"
+    max_samples: int = Field(0, ge=0)  # 0 = every chunk of the split
+    duration_s: float = Field(0.0, ge=0)  # seconds generated per chunk; 0 = the whole chunk
+    seed: int = 1234  # sample i uses seed + i: the same seeds for every model compared
+    audio_samples: int = Field(3, ge=0)  # chunks whose vocal / reference / output are logged as audio
+    clap_weights: str = ""  # a local folder or s3:// prefix with a transformers ClapModel; "" = weight-free FAD
+
+
 class PromotionConfig(Strict):
     """Gates a challenger must pass to become champion (tasks/registry/promotion.py)."""
     fad_min_improvement: float = Field(0.0, ge=0, lt=1)  # relative: FAD <= champion's x (1 - this)
@@ -180,12 +190,14 @@ class PromotionConfig(Strict):
 class Params(Strict):
     seed: int = 42
     workers: int = Field(0, ge=0)
+    torch_threads: int = Field(0, ge=0)  # CPU threads per model process; 0 = torch's default (one per core)
     data: DataConfig = DataConfig()
     dvc: DvcConfig = DvcConfig()
     musicgen: MusicGenConfig = MusicGenConfig()
     audioldm: AudioLDMConfig = AudioLDMConfig()
     train: TrainSection = TrainSection()
     tracking: TrackingConfig = TrackingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     promotion: PromotionConfig = PromotionConfig()
 
     @model_validator(mode="after")

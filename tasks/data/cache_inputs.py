@@ -19,7 +19,7 @@ from typing import Any
 
 from safetensors.numpy import load_file, save_file
 
-from models import get_backend, save_model
+from models import configure_torch, get_backend, save_model
 from models.base import Backend
 from tasks.data.track_cache import cache_key, code_version, read_jsonl, run_per_track, write_jsonl, write_stats
 from v2m.audio import read_mono
@@ -70,6 +70,7 @@ def load_base(params: Params, name: str, cache_dir: Path, manifest: list[dict[st
 def cache_dataset(params: Params, name: str, segments_dir: str | Path = "data/segments",
                   out_dir: str | Path | None = None, progress=None) -> dict[str, Any]:
     out_dir = Path(out_dir or CACHE_ROOT / name)
+    configure_torch(params.torch_threads)
     manifest = read_jsonl(Path(segments_dir) / f"{name}.jsonl")
     backend, info = load_base(params, name, out_dir, manifest)
     stamp = out_dir / "base" / "base.json"  # a rebuilt random-init base invalidates every cached chunk

@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -50,17 +51,23 @@ class StageStats:
 
 
 _POOLS: dict[int, ProcessPoolExecutor] = {}
+THREADED_LIBRARIES = {"torch", "numba", "prefect", "mlflow"}
 
 
 def _pool(n_workers: int) -> ProcessPoolExecutor:
     """One pool per size, kept for the process's life, so stages run back to back share their workers.
 
-    fork: workers inherit the imported modules, so they start in milliseconds and callers need no
-    `if __name__ == "__main__"` guard. A pool broken by a crashed worker is replaced.
+    A worker pool is forked while this process is still plain (the `v2m data <stage>` commands dvc.yaml
+    runs): workers inherit the imported modules and start in milliseconds. Once a library that runs its
+    own threads is loaded (torch, numba through librosa, Prefect, MLflow), a forked child could inherit a
+    lock held by one of those threads and hang; then the pool uses a fork server (a fresh single-threaded
+    process that forks the workers), which costs about a second to start. A broken pool is replaced.
     """
     pool = _POOLS.get(n_workers)
     if pool is None or getattr(pool, "_broken", False):
-        pool = _POOLS[n_workers] = ProcessPoolExecutor(n_workers, mp_context=mp.get_context("fork"))
+        threaded = THREADED_LIBRARIES & sys.modules.keys()
+        ctx = mp.get_context("forkserver" if threaded else "fork")
+        pool = _POOLS[n_workers] = ProcessPoolExecutor(n_workers, mp_context=ctx)
     return pool
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from models import get_backend, load_model, save_model
+from models import configure_torch, get_backend, load_model, save_model
 from models.base import Backend
 from tasks.data.cache_inputs import CACHE_ROOT, load_base, load_split
 from tasks.data.track_cache import cache_key
@@ -106,6 +106,7 @@ def finetune(params: Params, backend_name: str, mode: str, root: Path = Path("."
     from models.pyfunc import log_pyfunc
     root = Path(root).resolve()
     conditioning, template = mode_settings(params, backend_name, mode)
+    configure_torch(params.torch_threads)
     cls, bcfg = get_backend(backend_name), getattr(params, backend_name)
     tcfg = getattr(params.train, backend_name)
     if max_steps is not None:

@@ -14,12 +14,13 @@ from tests.conftest import write_track
 from v2m.config import DvcConfig, S3RemoteConfig
 from v2m.s3server import SeaweedS3
 
-STAGES = ["validate", "normalize", "label", "split", "segment"]
+STAGES = ["validate", "normalize", "label", "split", "segment", "cache_musicgen", "cache_audioldm"]
 PER_TRACK = ["validate", "normalize", "label", "segment"]
 
 
 def stage_stats(proj: Path) -> dict[str, dict]:
-    dirs = {"validate": "validated", "normalize": "normalized", "label": "labelled", "segment": "segments"}
+    dirs = {"validate": "validated", "normalize": "normalized", "label": "labelled", "segment": "segments",
+            "cache_musicgen": "cache/musicgen", "cache_audioldm": "cache/audioldm"}
     return {s: json.loads((proj / "data" / d / "stats.json").read_text()) for s, d in dirs.items()}
 
 
@@ -45,6 +46,11 @@ def test_repro_skips_unchanged_and_redoes_only_the_changed_track(project: Path) 
     stats = stage_stats(project)
     assert [stats[s]["processed"] for s in PER_TRACK] == [1, 2, 1, 1]  # ... which redo one track each
     assert [stats[s]["reused"] for s in PER_TRACK] == [5, 10, 5, 5]
+    # ... and the model-input caches re-encode that track's chunks only.
+    for cache in ("cache_musicgen", "cache_audioldm"):
+        chunks = [c for c in (project / "data/segments").glob(f"{cache.split('_')[1]}/t02/*_instrumental.wav")]
+        assert stats[cache]["processed"] == len(chunks) > 0
+        assert stats[cache]["reused"] == stats[cache]["chunks"] - len(chunks)
     assert data_version(project)["data_version"] != first["data_version"]
 
 

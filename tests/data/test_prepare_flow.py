@@ -24,7 +24,8 @@ def test_flow_runs_the_pipeline_and_returns_the_data_version(project: Path, pref
     state = prepare_data(project_dir=str(project), push=True, return_state=True)
     assert state.is_completed(), state
     version = state.result()
-    assert version["stages_run"] == ["validate", "normalize", "label", "split", "segment"]
+    assert version["stages_run"] == ["validate", "normalize", "label", "split", "segment", "cache_musicgen",
+                                     "cache_audioldm"]
     assert version["raw_changed"] is True
     assert len(version["data_version"]) == 12 and version["git_revision"]
     stats = version["stats"]
