@@ -45,13 +45,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[render,ml,dev]'
 	touch $(STAMP)
 
-# Optional system packages: espeak-ng sings the demo vocals, libfluidsynth3 renders the accompaniment,
-# chromium renders the comparison report in tests. Without them the builders fall back to pure-Python
+# System packages: espeak-ng sings the demo vocals, libfluidsynth3 renders the accompaniment (both optional),
+# chromium renders the comparison report in the tests. Without them the builders fall back to pure-Python
 # synths, so a failure here (no root, no apt) is reported, not fatal.
 sysdeps:
 	@missing=""; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	ldconfig -p 2>/dev/null | grep -q libfluidsynth || missing="$$missing libfluidsynth3"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing"; \

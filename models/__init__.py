@@ -20,6 +20,15 @@ def get_backend(name: str):
 MARKER = "v2m_model.json"
 
 
+def default_device() -> str:
+    """V2M_DEVICE (set by the gpu-a40 work pool's job variables), else CUDA when present, else the CPU."""
+    import os
+    if os.environ.get("V2M_DEVICE"):
+        return os.environ["V2M_DEVICE"]
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def configure_torch(threads: int) -> None:
     """Apply params.yaml `torch_threads` (0 = leave torch's default)."""
     if threads:

@@ -291,7 +291,7 @@ class AudioLDMBackend(Backend):
         return self.vocoder(spec)
 
     @torch.no_grad()
-    def generate(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float,
+    def synthesize(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float,
                  seed: int = 0, guidance_scale: float | None = None, steps: int | None = None) -> np.ndarray:
         scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         n_samples = round(duration_s * mel.SAMPLE_RATE)

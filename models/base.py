@@ -23,6 +23,21 @@ from v2m.errors import UserError
 CONDITIONINGS = ("voice", "voice_text")
 
 
+OUTPUT_PEAK_DBFS = -1.0
+SILENCE_FLOOR_DBFS = -90.0  # below this the output is digital silence: left as it is, for sanity checks to see
+
+
+def peak_normalize(audio: np.ndarray, peak_dbfs: float = OUTPUT_PEAK_DBFS,
+                   floor_dbfs: float = SILENCE_FLOOR_DBFS) -> np.ndarray:
+    """Scale audio so its peak sits at `peak_dbfs`; near-silent audio is returned unchanged."""
+    audio = np.asarray(audio, dtype=np.float32)
+    finite = audio[np.isfinite(audio)]
+    peak = float(np.max(np.abs(finite))) if finite.size else 0.0
+    if peak <= 10 ** (floor_dbfs / 20):
+        return audio
+    return (audio * np.float32(10 ** (peak_dbfs / 20) / peak)).astype(np.float32)
+
+
 class WeightsNotFoundError(UserError, FileNotFoundError):
     """Real weights were asked for but are not where the configuration says; the message says what to put where."""
 
@@ -93,11 +108,17 @@ class Backend(abc.ABC):
         """Trade compute for memory; backends whose modules support it override this."""
 
     # --- generate -----------------------------------------------------------------------------------
-    @abc.abstractmethod
     def generate(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float,
                  seed: int = 0, guidance_scale: float | None = None, steps: int | None = None) -> np.ndarray:
         """An instrumental (float32 mono at self.sample_rate, duration_s long) for a vocal and/or a prompt:
-        voice only (prompt None), voice + text, or text only (vocal None). Deterministic given the seed."""
+        voice only (prompt None), voice + text, or text only (vocal None). Deterministic given the seed.
+        The backend's raw output is peak-normalised (as audiocraft's audio_write does by default)."""
+        return peak_normalize(self.synthesize(vocal, vocal_sr, prompt, duration_s, seed, guidance_scale, steps))
+
+    @abc.abstractmethod
+    def synthesize(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float,
+                   seed: int = 0, guidance_scale: float | None = None, steps: int | None = None) -> np.ndarray:
+        """The backend's own generation (see generate); its level is whatever the model produces."""
 
     # --- conveniences shared by both ----------------------------------------------------------------
     @property

@@ -317,7 +317,7 @@ class MusicGenBackend(Backend):
 
     # --- generate -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float,
+    def synthesize(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float,
                  seed: int = 0, guidance_scale: float | None = None, steps: int | None = None) -> np.ndarray:
         """Voice only (prompt None), voice + text, or text only (vocal None), with classifier-free guidance.
 

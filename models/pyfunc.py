@@ -31,7 +31,9 @@ def _given(value: Any) -> Any:
 class InstrumentalGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from models import get_backend
-        self.backend = get_backend(context.model_config["backend"]).load(Path(context.artifacts["model"]))
+        from models import default_device
+        self.backend = get_backend(context.model_config["backend"]).load(Path(context.artifacts["model"]),
+                                                                         device=default_device())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         rows = []

@@ -266,6 +266,90 @@ def evaluate_cmd(model: Annotated[str, typer.Option(help="NAME@alias, NAME/versi
     report({"run_id": res.run_id, "metrics": headline})
 
 
+BackendOpt = Annotated[str, typer.Option(help="musicgen or audioldm.")]
+
+
+@app.command("register")
+def register_cmd(run: Annotated[str, typer.Option(help="The fine-tuning run id.")], backend: BackendOpt,
+                 eval_run: Annotated[str | None, typer.Option(help="Its evaluation run id.")] = None,
+                 params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Register a finished fine-tune as a new model version (alias challenger), with its lineage tags."""
+    from tasks.registry.registry import model_name, register
+    from v2m.tracking import setup_mlflow
+    setup_mlflow(params_or_fail(params), Path.cwd())
+    with user_errors():
+        version = register(run, backend, eval_run)
+    console.print(f"registered {model_name(backend)} v{version} (challenger)")
+
+
+@app.command("promote")
+def promote_cmd(backend: BackendOpt, version: Annotated[str | None, typer.Option(help="Default: the challenger.")] = None,
+                approve: Annotated[bool, typer.Option(help="Manual approval, when the policy asks for it.")] = False,
+                params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Gate a version against the champion and move `champion` if every gate passes (compare-and-set)."""
+    from tasks.registry.promotion import promote
+    from v2m.tracking import setup_mlflow
+    p = params_or_fail(params)
+    setup_mlflow(p, Path.cwd())
+    with user_errors():
+        d = promote(p, Path.cwd(), backend, version, approve)
+    for g in d.gates:
+        console.print(f"  {'[green]pass[/green]' if g.passed else '[red]FAIL[/red]'}  {g.name}: {g.detail}",
+                      highlight=False)
+    verdict = f"promoted v{d.version} to champion" if d.promoted else f"refused v{d.version}: {d.reason}"
+    console.print(verdict)
+    if not d.promoted:
+        raise typer.Exit(1)
+
+
+@app.command("rollback")
+def rollback_cmd(backend: BackendOpt, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Restore the previous champion (the audit trail records the move)."""
+    from tasks.registry.promotion import rollback
+    from v2m.tracking import setup_mlflow
+    p = params_or_fail(params)
+    setup_mlflow(p, Path.cwd())
+    with user_errors():
+        current, previous = rollback(p, Path.cwd(), backend)
+    console.print(f"champion: v{current} -> v{previous}")
+
+
+@app.command("compare")
+def compare_cmd(models: Annotated[list[str], typer.Argument(help="Two or more: NAME@alias, NAME/version, runs:/ID, base:<backend>.")],
+                params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Compare models on the test split: a table here, an HTML report with audio players on disk and in MLflow."""
+    from rich.table import Table
+
+    from tasks.registry.report import HEADLINE, compare
+    p = params_or_fail(params)
+    with user_errors():
+        index, evals, run_id = compare(p, Path.cwd(), models)
+    table = Table(title="voice2music comparison (test split)")
+    table.add_column("metric")
+    for e in evals:
+        table.add_column(e.ref, justify="right")
+    for m in HEADLINE:
+        if any(m in e.metrics for e in evals):
+            table.add_row(m, *(f"{e.metrics.get(m, float('nan')):.4f}" for e in evals))
+    Console().print(table)
+    console.print(f"report: {index} (MLflow run {run_id}, artifacts report/)")
+
+
+@app.command("retrain")
+def retrain_cmd(backends: Annotated[list[str] | None, typer.Option("--backend", help="Repeatable; default params retrain.backends.")] = None,
+                max_steps: Annotated[int | None, typer.Option(help="Override train.<backend>.max_steps.")] = None,
+                push_data: Annotated[bool, typer.Option(help="dvc push after preparing the data.")] = False,
+                params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """The whole pipeline as one Prefect flow: prepare data, fine-tune, evaluate, register, promote, report."""
+    from flows.retrain import retrain
+    params_or_fail(params)
+    with user_errors():
+        out = retrain(project_dir=str(Path.cwd()), backends=backends, max_steps=max_steps, push_data=push_data)
+    for backend, entry in out["backends"].items():
+        console.print(f"{backend}: champion v{entry['champion']}; report {entry.get('report', '-')}")
+    report(out)
+
+
 @app.command("config")
 def config_cmd(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Validate params.yaml and print the resolved configuration."""

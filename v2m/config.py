@@ -187,6 +187,22 @@ class PromotionConfig(Strict):
     manual_approval: bool = False
 
 
+class RetrainConfig(Strict):
+    """Defaults of the `retrain` flow's parameters."""
+    backends: list[Literal["musicgen", "audioldm"]] = ["musicgen", "audioldm"]
+    musicgen_stages: list[Literal["voice", "voice_text"]] = ["voice", "voice_text"]
+    audioldm_variants: list[Literal["voice", "voice_text", "refined"]] = ["voice", "voice_text", "refined"]
+
+
+class OrchestrationConfig(Strict):
+    """embedded: every step runs in this process (Prefect's temporary server). team: the parent flow hands
+    fine-tuning and evaluation to deployments on the gpu-a40 pool and data/registry steps to the cpu pool
+    (run_deployment), against PREFECT_API_URL. The environment variable V2M_ORCHESTRATION overrides `mode`."""
+    mode: Literal["embedded", "team"] = "embedded"
+    deployments: dict[str, str] = {"prepare-data": "prepare-data/prepare-data", "finetune": "finetune/finetune",
+                                   "evaluate": "evaluate/evaluate", "promote": "promote/promote"}
+
+
 class Params(Strict):
     seed: int = 42
     workers: int = Field(0, ge=0)
@@ -198,6 +214,8 @@ class Params(Strict):
     train: TrainSection = TrainSection()
     tracking: TrackingConfig = TrackingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     promotion: PromotionConfig = PromotionConfig()
 
     @model_validator(mode="after")

@@ -108,13 +108,27 @@ class Stack:
         self._wait(lambda: all(v for k, v in self.health().items() if k in ("mlflow", "prefect", "s3")), timeout_s)
 
         worker_env = {**s3_env, "PREFECT_API_URL": st["prefect_url"] + "/api", "MLFLOW_TRACKING_URI": st["mlflow_url"],
-                      "PREFECT_HOME": str(prefect_home), "V2M_STACK": str(self.state_dir)}
+                      "PREFECT_HOME": str(prefect_home), "V2M_STACK": str(self.state_dir),
+                      "PREFECT_LOCAL_STORAGE_PATH": str(self.state_dir / "results")}
+        self._setup_pools(bindir, worker_env)
         for pool, kind in POOLS.items():
             st["pids"][f"worker-{pool}"] = self._spawn(f"worker-{pool}", [
                 str(bindir / "prefect"), "worker", "start", "--pool", pool, "--type", kind,
                 "--name", f"v2m-{pool}", "--install-policy", "never"], worker_env)
         self._save(st)
         return st
+
+    def _setup_pools(self, bindir: Path, env: dict[str, str]) -> None:
+        """Work pools with their templates, and the `gpu` tag limit: one GPU job at a time (one GPU here)."""
+        prefect = str(bindir / "prefect")
+        template = Path(__file__).resolve().parents[1] / "infra" / "work-pools" / "gpu-a40-process.json"
+        for cmd in ([prefect, "work-pool", "create", "gpu-a40", "--type", "process", "--base-job-template",
+                     str(template), "--overwrite"],
+                    [prefect, "work-pool", "create", "cpu", "--type", "process", "--overwrite"],
+                    [prefect, "concurrency-limit", "create", "gpu", "1"]):
+            res = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+            if res.returncode != 0 and "already exists" not in res.stdout + res.stderr:
+                raise RuntimeError(f"{' '.join(cmd[1:4])} failed: {res.stdout[-500:]}{res.stderr[-500:]}")
 
     @staticmethod
     def _wait(ok, timeout_s: float) -> None:

@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from models import configure_torch
+from models import BACKENDS, configure_torch, default_device
 from models.base import Backend
-from tasks.data.cache_inputs import CACHE_ROOT, format_prompt, load_base
-from tasks.data.track_cache import read_jsonl
+from tasks.data.cache_inputs import CACHE_ROOT, backend_code_version, format_prompt, load_base
+from tasks.data.track_cache import code_version, read_jsonl
 from tasks.evaluation.fad import ClapEmbedder, MelStatsEmbedder, fad
 from tasks.evaluation.metrics import aggregate, compute_sample_metrics
+from tasks.orchestration import params_hash
 from tasks.training.finetune import data_version_of, mode_settings
 from v2m.audio import read_mono, write_wav
 from v2m.config import Params
@@ -51,13 +52,13 @@ def load_for_eval(params: Params, root: Path, ref: str) -> tuple[Backend, dict[s
     """The model and what is known of its lineage (mode, run, registered version)."""
     if ref.startswith(BASE_PREFIX):
         name = ref.removeprefix(BASE_PREFIX)
-        backend, info = load_base(params, name, root / CACHE_ROOT / name)
+        backend, info = load_base(params, name, root / CACHE_ROOT / name, device=default_device())
         return backend, {"mode": "voice_text", "baseline": "true", **info}
     from mlflow.tracking import MlflowClient
 
     from models.refs import resolve_model, to_model_uri
-    backend = resolve_model(ref)
-    lineage: dict[str, str] = {"baseline": "false"}
+    backend = resolve_model(ref, device=default_device())
+    lineage: dict[str, str] = {"baseline": "false", "backend": backend.name}
     if not Path(ref).is_dir():
         uri = to_model_uri(ref)
         client = MlflowClient()
@@ -74,6 +75,33 @@ def load_for_eval(params: Params, root: Path, ref: str) -> tuple[Backend, dict[s
     else:
         lineage["mode"] = "voice_text"
     return backend, lineage
+
+
+def eval_key(params: Params, root: Path, ref: str, lineage: dict[str, str], split: str) -> str | None:
+    """What determines an evaluation's outcome, hashed; None for references that can change underneath
+    (a folder). Aliases were resolved to their version by load_for_eval."""
+    if Path(ref).is_dir():
+        return None
+    model = lineage.get("model_version") and f"{lineage['registered_model']}/{lineage['model_version']}" \
+        or lineage.get("source_run_id") or ref
+    backend_cfg = getattr(params, ref.removeprefix(BASE_PREFIX)).model_dump() if ref.startswith(BASE_PREFIX) else None
+    backend = lineage.get("backend") or ref.removeprefix(BASE_PREFIX)
+    return params_hash(model, params.evaluation.model_dump(), split, data_version_of(root), backend_cfg,
+                       lineage.get("mode"), params.seed, backend_code_version(backend) if backend in BACKENDS else "",
+                       code_version(*Path(__file__).parent.glob("*.py")))
+
+
+def finished_eval(experiment: str, key: str) -> EvalResult | None:
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient()
+    runs = client.search_runs([experiment], f"tags.eval_key = '{key}' and attributes.status = 'FINISHED'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    if not runs:
+        return None
+    run = runs[0]
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/samples.json")).read_text())
+    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    return EvalResult(run.info.run_id, run.data.tags["backend"], dict(run.data.metrics), rows)
 
 
 def embedder(params: Params):
@@ -112,9 +140,17 @@ def evaluate(params: Params, root: Path, ref: str, split: str | None = None) -> 
     clap = embedder(params)
     clap_for_score = clap if isinstance(clap, ClapEmbedder) else None
 
-    rows, generated, references, audio_dir = [], [], [], root / ".v2m" / "eval-audio"
     exp = experiment_id(EXPERIMENTS["evaluation"], params, root)
+    key = eval_key(params, root, ref, lineage, split)
+    if key:
+        done = finished_eval(exp, key)
+        if done is not None:  # same model, same test data, same settings: the scores cannot differ
+            return done
+
+    rows, generated, references, audio_dir = [], [], [], root / ".v2m" / "eval-audio"
     with mlflow.start_run(experiment_id=exp, run_name=f"eval-{name}-{ref}") as run:
+        if key:
+            mlflow.set_tag("eval_key", key)
         for i, chunk in enumerate(chunks):
             vocal, sr = read_mono(chunk["vocals_path"])
             reference, ref_sr = read_mono(chunk["instrumental_path"])
@@ -155,3 +191,13 @@ def evaluate(params: Params, root: Path, ref: str, split: str | None = None) -> 
         MlflowClient().set_model_version_tag(lineage["registered_model"], lineage["model_version"], "eval_run_id",
                                              run.info.run_id)
     return EvalResult(run.info.run_id, name, agg, rows)
+
+
+# --- thin Prefect task wrapper ---------------------------------------------------------------------------
+from prefect import task  # noqa: E402
+
+from tasks.orchestration import retry_transient  # noqa: E402
+
+# Generation-heavy: runs on the GPU pool in team mode, under the same `gpu` tag limit as fine-tuning.
+evaluate_task = task(evaluate, name="evaluate", tags=["gpu"], retries=2, retry_delay_seconds=10,
+                     retry_condition_fn=retry_transient)

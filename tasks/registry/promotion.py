@@ -189,3 +189,14 @@ def rollback(params: Params, root: Path, backend: str) -> tuple[str, str]:
         client.set_model_version_tag(name, current, "promotion.rolled_back", time.strftime("%Y-%m-%dT%H:%M:%SZ"))
         audit(params, root, backend, "rollback", previous, current, previous, {"from": current, "to": previous})
     return current, previous
+
+
+# --- thin Prefect task wrappers --------------------------------------------------------------------------
+from prefect import task  # noqa: E402
+
+from tasks.orchestration import retry_transient  # noqa: E402
+from tasks.registry.registry import register  # noqa: E402
+
+register_task = task(register, name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+# A promotion is compare-and-set: retrying after a transient error re-reads the champion first.
+promote_task = task(promote, name="promote", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)

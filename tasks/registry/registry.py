@@ -31,13 +31,20 @@ def model_name(backend: str) -> str:
 
 
 def register(run_id: str, backend: str, eval_run_id: str | None = None) -> str:
-    """Register the run's logged model as a new version; tag it with the run's lineage; make it challenger."""
+    """Register the run's logged model as a new version; tag it with the run's lineage; make it challenger.
+    Idempotent: a run that already has a version gets that version back."""
     client = MlflowClient()
     name = model_name(backend)
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description=f"voice2music {backend} instrumental generator")
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:  # registering the same run again (an unchanged re-run of the flow) changes nothing
+        version = str(max(int(mv.version) for mv in existing))
+        if eval_run_id:
+            client.set_model_version_tag(name, version, "eval_run_id", eval_run_id)
+        return version
     run = client.get_run(run_id)
     tags = {k: run.data.tags[k] for k in LINEAGE_TAGS if k in run.data.tags}
     if eval_run_id:

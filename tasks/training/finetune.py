@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from models import configure_torch, get_backend, load_model, save_model
+from models import configure_torch, default_device, get_backend, load_model, save_model
 from models.base import Backend
 from tasks.data.cache_inputs import CACHE_ROOT, load_base, load_split
 from tasks.data.track_cache import cache_key
@@ -126,9 +126,10 @@ def finetune(params: Params, backend_name: str, mode: str, root: Path = Path("."
     if done.is_file():
         return FinetuneResult(**{**json.loads(done.read_text()), "trained": False})
 
-    backend, base_info = load_base(params, backend_name, cache_dir)
+    device = default_device()
+    backend, base_info = load_base(params, backend_name, cache_dir, device=device)
     if init_from != "base":
-        backend = load_model(Path(init_from))
+        backend = load_model(Path(init_from), device=device)
     method = getattr(bcfg, "finetune", "full")  # only backends that offer LoRA configure a method
     backend.setup_finetune(method, **(bcfg.lora.model_dump() if method == "lora" else {}))
     train_items = load_split(cache_dir, "train", template)
@@ -164,3 +165,22 @@ def finetune(params: Params, backend_name: str, mode: str, root: Path = Path("."
                          result.resumed_from)
     done.write_text(json.dumps({k: v for k, v in asdict(out).items() if k != "trained"}))
     return out
+
+
+# --- thin Prefect task wrapper ---------------------------------------------------------------------------
+from prefect import task  # noqa: E402
+
+from tasks.orchestration import params_hash, retry_transient  # noqa: E402
+
+
+def _cache_key(context, arguments: dict[str, Any]) -> str:
+    """Same data version + same settings = same model: an unchanged re-run of the flow trains nothing."""
+    root, params = Path(arguments.get("root", ".")).resolve(), arguments["params"]
+    return "finetune-" + params_hash(arguments["backend_name"], arguments["mode"], data_version_of(root),
+                                     params.model_dump(), arguments.get("init_from", "auto"),
+                                     arguments.get("max_steps"), str(root))
+
+
+# GPU work: the `gpu` tag's concurrency limit (one per GPU) keeps one fine-tune per device.
+finetune_task = task(finetune, name="finetune", tags=["gpu"], retries=2, retry_delay_seconds=10,
+                     retry_condition_fn=retry_transient, cache_key_fn=_cache_key, persist_result=True)

@@ -46,7 +46,7 @@ class ToyBackend(Backend):
         loss = nn.functional.mse_loss(self.module(x).squeeze(-1), y)
         return loss, {"loss": loss.item(), "tokens": float(len(batch))}
 
-    def generate(self, vocal, vocal_sr, prompt, duration_s, seed=0, guidance_scale=None, steps=None):
+    def synthesize(self, vocal, vocal_sr, prompt, duration_s, seed=0, guidance_scale=None, steps=None):
         return np.zeros(int(duration_s * self.sample_rate), np.float32)
 
 

@@ -1,0 +1,69 @@
+"""Flow `retrain`: the whole pipeline, from raw tracks to a champion and a report people can listen to.
+
+    prepare-data  ->  for each backend, for each stage / variant:
+                          finetune -> evaluate -> register + promote
+                  ->  baseline evaluation of the base model -> comparison report per backend
+
+Unchanged data and settings make every fine-tune a cache hit (nothing trains). Steps run in-process in
+embedded mode and as deployments on the gpu-a40 / cpu pools in team mode (flows/steps.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.prepare_data import prepare_data
+from flows.steps import evaluate_flow, finetune_flow, project_params, promote_flow, run_step
+from tasks.registry.registry import CHAMPION, alias_version, model_name
+from tasks.registry.report import compare_task
+
+
+@flow(name="retrain", persist_result=True)
+def retrain(project_dir: str = ".", backends: list[str] | None = None, musicgen_stages: list[str] | None = None,
+            audioldm_variants: list[str] | None = None, presets: dict[str, str] | None = None,
+            max_steps: int | None = None, push_data: bool = False, report: bool = True) -> dict[str, Any]:
+    root, params = project_params(project_dir, presets)
+    log = get_run_logger()
+    modes = {"musicgen": musicgen_stages or params.retrain.musicgen_stages,
+             "audioldm": audioldm_variants or params.retrain.audioldm_variants}
+    data = run_step(params, "prepare-data", prepare_data, project_dir=str(root), push=push_data)
+    log.info("data version %s", data["data_version"])
+
+    out: dict[str, Any] = {"data_version": data["data_version"], "backends": {}}
+    for backend in backends or params.retrain.backends:
+        steps = []
+        for mode in modes[backend]:
+            ft = run_step(params, "finetune", finetune_flow, backend=backend, mode=mode, project_dir=str(root),
+                          presets=presets, max_steps=max_steps)
+            ev = run_step(params, "evaluate", evaluate_flow, model=f"runs:/{ft['run_id']}", project_dir=str(root),
+                          presets=presets)
+            decision = run_step(params, "promote", promote_flow, backend=backend, run_id=ft["run_id"],
+                                eval_run_id=ev["run_id"], project_dir=str(root))
+            log.info("%s %s: %s; v%s %s", backend, mode, "trained" if ft["trained"] else "cache hit",
+                     decision["version"], "promoted" if decision["promoted"] else f"kept out: {decision['reason']}")
+            steps.append({"mode": mode, "run_id": ft["run_id"], "trained": ft["trained"],
+                          "eval_run_id": ev["run_id"], "version": decision["version"], "promoted": decision["promoted"],
+                          "reason": decision["reason"]})
+        champion = alias_version(backend, CHAMPION)
+        entry: dict[str, Any] = {"steps": steps, "champion": champion}
+        if report and champion:
+            index, _, _ = compare_task(params, root, [f"{model_name(backend)}@{CHAMPION}", f"base:{backend}"])
+            entry["report"] = str(index)
+        out["backends"][backend] = entry
+
+    lines = [f"# Retrain on data `{out['data_version']}`", ""]
+    for backend, entry in out["backends"].items():
+        lines.append(f"- **{backend}**: champion v{entry['champion']}; report `{entry.get('report', '-')}`")
+        lines += [f"  - {s['mode']}: v{s['version']} {'promoted' if s['promoted'] else 'not promoted'}"
+                  f" ({'trained' if s['trained'] else 'cache hit'})" for s in entry["steps"]]
+    create_markdown_artifact(key="retrain-summary", markdown="\n".join(lines), description="retrain outcome")
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    print(json.dumps(retrain(project_dir=str(Path.cwd())), indent=2, default=str))

@@ -1,0 +1,1 @@
+"""Evaluation metrics for generated instrumentals: harmony with the vocal, key/tempo, FAD, CLAP, sanity."""

@@ -1,0 +1,66 @@
+"""Team mode on loopback: a deployment run through a real Prefect server and process worker, tracked in a
+real MLflow server whose artifacts land in SeaweedFS; then a clean shutdown."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.steps import finetune_flow
+from v2m.s3server import SeaweedS3
+from v2m.stack import Stack
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def listening(url: str) -> bool:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.socket() as s:
+        return s.connect_ex((host, int(port))) == 0
+
+
+@pytest.fixture
+def stack(tmp_path: Path):
+    st = Stack(tmp_path / "stack")
+    state = st.up()
+    yield st, state
+    st.down()
+
+
+def test_a_deployment_runs_on_the_gpu_pool_worker_with_runs_in_mlflow_and_artifacts_in_s3(
+        stack, root: Path, monkeypatch) -> None:
+    st, state = stack
+    assert all(st.health().values()), st.health()
+    for url in (state["s3_url"], state["mlflow_url"], state["prefect_url"]):
+        assert url.startswith("http://127.0.0.1:")
+    for k, v in st.client_env().items():
+        monkeypatch.setenv(k, v)
+
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    with temporary_settings(updates={PREFECT_API_URL: state["prefect_url"] + "/api"}):  # settings load at import
+        finetune_flow.from_source(source=str(REPO), entrypoint="flows/steps.py:finetune_flow").deploy(
+            name="finetune", work_pool_name="gpu-a40", job_variables={"device": "cpu", "cuda_visible_devices": ""})
+        run = run_deployment("finetune/finetune", timeout=600, parameters={
+            "backend": "musicgen", "mode": "voice", "project_dir": str(root), "max_steps": 2})
+    assert run.state.is_completed(), (run.state, (st.state_dir / "logs" / "worker-gpu-a40.log").read_text()[-3000:])
+
+    client = MlflowClient(state["mlflow_url"])
+    exp = client.get_experiment_by_name("voice2music-musicgen")
+    runs = client.search_runs([exp.experiment_id], "tags.stage = 'voice'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert any(a.path == "samples" for a in client.list_artifacts(runs[0].info.run_id))
+    creds = st.credentials()
+    s3 = SeaweedS3(st.state_dir / "unused", access_key=creds["access_key"], secret_key=creds["secret_key"],
+                   s3_port=int(state["s3_url"].rsplit(":", 1)[1]))
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="v2m-mlflow").get("Contents", [])]
+    assert any(k.endswith("_generated.wav") for k in keys) and any(k.endswith(".safetensors") for k in keys)
+    # No credential leaks into what MLflow shows.
+    assert creds["secret_key"] not in str(runs[0].data.params) + str(runs[0].data.tags)
+
+    stopped = st.down()
+    assert {"seaweedfs", "mlflow", "prefect", "worker-cpu", "worker-gpu-a40"} <= set(stopped)
+    assert not any(listening(u) for u in (state["s3_url"], state["mlflow_url"], state["prefect_url"]))
