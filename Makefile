@@ -18,15 +18,9 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 demo: setup
 	$(BIN)/v2m data demo --out data/raw
-	$(BIN)/v2m data prepare
-	$(BIN)/v2m train --backend musicgen --stage voice
-	$(BIN)/v2m train --backend musicgen --stage voice_text
-	$(BIN)/v2m train --backend audioldm --variant voice
-	$(BIN)/v2m train --backend audioldm --variant voice_text
-	$(BIN)/v2m train --backend audioldm --variant refined
-	@echo "Results: data/segments/{musicgen,audioldm}.jsonl (chunk manifests), data/validated/quarantine.jsonl,"
-	@echo "         .v2m/data_version.json (data version), data/raw/DATASET_CARD.md,"
-	@echo "         .v2m/runs/ (checkpoints, models, samples); MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///.v2m/mlflow.db"
+	$(BIN)/v2m retrain
+	@echo "More: data/raw/DATASET_CARD.md, data/validated/quarantine.jsonl, .v2m/data_version.json, .v2m/runs/;"
+	@echo "      MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///.v2m/mlflow.db"
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -35,6 +29,8 @@ bench: setup
 	$(BIN)/python bench/data_prep.py
 	$(BIN)/python bench/cached_inputs.py --backend musicgen
 	$(BIN)/python bench/cached_inputs.py --backend audioldm
+	$(BIN)/python bench/eval_throughput.py
+	$(BIN)/python bench/retrain_rerun.py
 
 setup: $(STAMP)
 

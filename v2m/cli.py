@@ -350,6 +350,48 @@ def retrain_cmd(backends: Annotated[list[str] | None, typer.Option("--backend", 
     report(out)
 
 
+stack_app = typer.Typer(help="The team stack on loopback: SeaweedFS (S3), MLflow server, Prefect server, workers.",
+                        no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+StackDir = Annotated[Path, typer.Option(help="Where the stack keeps all of its state.")]
+
+
+@stack_app.command("up")
+def stack_up(state_dir: StackDir = Path(".v2m/stack")) -> None:
+    """Start what is not running and print how to point clients at it."""
+    from v2m.stack import Stack
+    st = Stack(state_dir.resolve())
+    state = st.up()
+    console.print(f"S3 {state['s3_url']}  MLflow {state['mlflow_url']}  Prefect {state['prefect_url']}")
+    console.print(f"credentials: {st.state_dir / 'credentials.json'}; logs: {st.state_dir / 'logs'}")
+    console.print("team mode: export the variables below, then `prefect deploy --all` with "
+                  "V2M_PROJECT_DIR=$PWD, and V2M_ORCHESTRATION=team")
+    for k, v in st.client_env().items():  # secrets are printed to the terminal only, never logged
+        typer.echo(f"export {k}={v}")
+
+
+@stack_app.command("status")
+def stack_status(state_dir: StackDir = Path(".v2m/stack")) -> None:
+    """Which parts of the stack answer."""
+    from v2m.stack import Stack
+    health = Stack(state_dir.resolve()).health()
+    if not health:
+        console.print("the stack is not running (v2m stack up)")
+        raise typer.Exit(1)
+    for part, ok in health.items():
+        console.print(f"{part:16s} {'up' if ok else 'DOWN'}")
+    if not all(health.values()):
+        raise typer.Exit(1)
+
+
+@stack_app.command("down")
+def stack_down(state_dir: StackDir = Path(".v2m/stack")) -> None:
+    """Stop the workers, then the servers; state stays on disk for the next `up`."""
+    from v2m.stack import Stack
+    stopped = Stack(state_dir.resolve()).down()
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
 @app.command("config")
 def config_cmd(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Validate params.yaml and print the resolved configuration."""

@@ -55,3 +55,17 @@ def test_a_registered_version_gets_its_eval_run_and_mode(root: Path) -> None:
     tags = mlflow.get_run(res.run_id).data.tags
     assert (tags["mode"], tags["model_version"], tags["baseline"]) == ("voice", version, "false")
     assert all(r["prompt"] == "" for r in res.rows)  # a voice-only model is evaluated without prompts
+
+    # Production names no file: promote, then generate from the registry alias.
+    from tasks.registry.promotion import promote
+    assert promote(p, root, "musicgen").promoted
+    from typer.testing import CliRunner
+
+    from v2m.cli import app
+    vocal = Path(json.loads((root / "data/segments/musicgen.jsonl").read_text().splitlines()[0])["vocals_path"])
+    out = CliRunner().invoke(app, ["generate", "--model", "voice2music-musicgen@champion", "--vocal", str(vocal),
+                                   "--duration", "1", "-o", str(root / "from-registry.wav")])
+    assert out.exit_code == 0, out.output
+    import soundfile as sf
+    audio, sr = sf.read(root / "from-registry.wav")
+    assert sr == 32000 and len(audio) == 32000
