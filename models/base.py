@@ -42,6 +42,16 @@ class WeightsNotFoundError(UserError, FileNotFoundError):
     """Real weights were asked for but are not where the configuration says; the message says what to put where."""
 
 
+def _freeze_eval(module: nn.Module) -> None:
+    """eval() the largest sub-modules that hold parameters, none of them trainable."""
+    for child in module.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            child.eval()
+        else:
+            _freeze_eval(child)
+
+
 class Backend(abc.ABC):
     """A generative model that writes an instrumental for a vocal, optionally steered by a text prompt."""
 
@@ -79,6 +89,13 @@ class Backend(abc.ABC):
         """Choose what trains: "full" (the generator's weights) or "lora" (adapters, peft). Default: full."""
         if method != "full":
             raise NotImplementedError(f"{self.name}: fine-tune method {method!r} is not supported")
+
+    def set_training(self, on: bool = True) -> None:
+        """Train mode for what trains; eval mode for every frozen part (a frozen text encoder or codec must
+        not run dropout: its outputs would change with the RNG, and a resumed run would not reproduce)."""
+        self.module.train(on)
+        if on:
+            _freeze_eval(self.module)
 
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.module.named_parameters() if p.requires_grad)

@@ -144,7 +144,7 @@ def train(backend: Backend, train_items: Sequence[dict[str, Any]], val_items: Se
         result.val_losses = {int(k): v for k, v in state["val_losses"].items()}
 
     # --- the loop -----------------------------------------------------------------------------------
-    backend.module.train()
+    backend.set_training(True)
     steps_this_call = 0
     while result.steps < cfg.max_steps and (stop_after is None or steps_this_call < stop_after):
         t0 = time.perf_counter()
@@ -174,10 +174,10 @@ def train(backend: Backend, train_items: Sequence[dict[str, Any]], val_items: Se
         if device.type == "cuda":
             metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         if result.steps % cfg.val_every == 0 or result.steps == cfg.max_steps:
-            backend.module.eval()
+            backend.set_training(False)
             metrics["val/loss"] = result.val_losses[result.steps] = validation_loss(
                 backend, val_items or train_items, cfg, conditioning, seed)
-            backend.module.train()
+            backend.set_training(True)
         log(metrics, result.steps)
 
         if result.steps % cfg.checkpoint_every == 0 or result.steps == cfg.max_steps:
@@ -190,7 +190,7 @@ def train(backend: Backend, train_items: Sequence[dict[str, Any]], val_items: Se
             if cfg.checkpoint_uri:
                 upload_checkpoint(result.checkpoint, cfg.checkpoint_uri)
 
-    backend.module.eval()
+    backend.set_training(False)
     (run_dir / "losses.json").write_text(json.dumps({"losses": result.losses, "resumed_from": result.resumed_from,
                                                     "val_losses": result.val_losses}))
     return result

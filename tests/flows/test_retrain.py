@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.retrain import retrain
@@ -21,6 +21,7 @@ from tasks.registry.registry import CHAMPION, alias_version
 from tasks.training.finetune import finetune_task
 from tests.model.conftest import OVERRIDES, merge
 from v2m.config import load_params
+from v2m.tracking import setup_mlflow
 from v2m.s3server import SeaweedS3, free_port
 
 SMALL = merge(OVERRIDES, {"train": {b: {"max_steps": 4, "checkpoint_every": 2, "val_every": 2, "samples": 1}
@@ -113,7 +114,7 @@ def test_the_gpu_tag_limit_serialises_two_finetunes(root: Path, harness) -> None
     asyncio.run(set_limit())
     p = load_params(root / "params.yaml")
 
-    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    @flow(task_runner=ProcessPoolTaskRunner(max_workers=2))  # GPU jobs are separate processes
     def two():
         a = finetune_task.submit(p, "musicgen", "voice", root)
         b = finetune_task.submit(p, "audioldm", "voice", root)
@@ -122,7 +123,8 @@ def test_the_gpu_tag_limit_serialises_two_finetunes(root: Path, harness) -> None
     try:
         states = two()
         assert all(s.is_completed() for s in states)
-        # The work itself: each fine-tune's MLflow run, opened and closed inside the task.
+        # The work itself: each fine-tune's MLflow run, opened and closed inside the task (another process).
+        setup_mlflow(p, root)
         runs = [mlflow.get_run(s.result().run_id).info for s in states]
         (s1, e1), (s2, e2) = sorted((r.start_time, r.end_time) for r in runs)
         assert e1 <= s2, f"the two fine-tunes overlapped: {s1}-{e1} and {s2}-{e2} (ms)"
