@@ -67,7 +67,9 @@ def team_mode(params: Params) -> bool:
 def run_step(params: Params, step: str, fn, **parameters: Any) -> Any:
     """Run a step flow here, or as a deployment on its work pool (its result comes back persisted)."""
     if not team_mode(params):
-        return fn(**parameters)
+        # The step's body, inside the parent flow run: its tasks (with their retries, caches and tags) become
+        # the parent's, without the cost of a subflow run per step (about 1 s each).
+        return fn.fn(**parameters)
     from prefect.deployments import run_deployment
     flow_run = run_deployment(params.orchestration.deployments[step], parameters=parameters, timeout=None)
     if not flow_run.state.is_completed():

@@ -152,8 +152,9 @@ def promote(params: Params, root: Path, backend: str, version: str | None = None
         now = alias_version(backend, CHAMPION)
         if now != d.champion_before:
             d.reason = f"champion changed from v{d.champion_before} to v{now} after the decision; re-run promote"
-        elif d.version == now:
+        elif d.version == now:  # nothing to decide (an unchanged re-run): no tags, no audit entry
             d.reason = f"v{d.version} is already champion"
+            return d
         elif not d.passed:
             d.reason = "failed gates: " + ", ".join(g.name for g in d.gates if not g.passed)
         else:
