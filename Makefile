@@ -41,9 +41,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[render,ml,dev]'
 	touch $(STAMP)
 
-# System packages: espeak-ng sings the demo vocals, libfluidsynth3 renders the accompaniment (both optional),
-# chromium renders the comparison report in the tests. Without them the builders fall back to pure-Python
-# synths, so a failure here (no root, no apt) is reported, not fatal.
+# System packages: espeak-ng sings the demo vocals and libfluidsynth3 renders the accompaniment (without them
+# the demo builder falls back to pure-Python synths); chromium renders the comparison report in the tests.
+# A failure here (no root, no apt) is reported, not fatal.
 sysdeps:
 	@missing=""; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
