@@ -27,7 +27,6 @@ from tasks.data import render, voice  # noqa: E402
 from tasks.data.chorales import loop_and_cut, pick_chorales  # noqa: E402
 from tasks.evaluation import metrics as M  # noqa: E402
 from tasks.evaluation.harmony import ANALYSIS_SR  # noqa: E402
-from v2m.audio import resample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 32000

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
 
-from tasks.registry.promotion import PromotionError, decide, promote, rollback
+from tasks.registry.promotion import PromotionError, promote, rollback
 from tasks.registry.registry import CHALLENGER, CHAMPION, alias_version, audit_history, register, version_tags
 from v2m.config import load_params
 from v2m.tracking import EXPERIMENTS, experiment_id, setup_mlflow
