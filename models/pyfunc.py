@@ -30,8 +30,7 @@ def _given(value: Any) -> Any:
 
 class InstrumentalGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from models import get_backend
-        from models import default_device
+        from models import default_device, get_backend
         self.backend = get_backend(context.model_config["backend"]).load(Path(context.artifacts["model"]),
                                                                          device=default_device())
 

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from v2m.config_audioldm import AudioLDMConfig
+from v2m.config_base import Strict
 from v2m.errors import UserError
 from v2m.config_musicgen import MusicGenConfig
 
@@ -21,10 +22,6 @@ PARAMS_FILE = "params.yaml"
 
 class ConfigError(UserError, ValueError):
     """The configuration is wrong; the message names the file, the key and the reason."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DemoConfig(Strict):

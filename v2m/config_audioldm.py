@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from v2m.config_base import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AudioLDMArch(_Strict):
+class AudioLDMArch(Strict):
     """Architecture of a random-init preset (the real preset reads its own from the weights' configs)."""
     unet_channels: list[int] = Field([32, 64], min_length=1)
     latent_channels: int = Field(8, ge=1)
@@ -20,17 +18,17 @@ class AudioLDMArch(_Strict):
     clap_dim: int = Field(32, ge=8)  # projection dim of the tiny CLAP (512 for the real one)
 
 
-class AudioLDMPreset(_Strict):
+class AudioLDMPreset(Strict):
     weights: str = ""  # "" = random init from `arch`; else a local folder or s3://bucket/prefix (diffusers layout)
     arch: AudioLDMArch = AudioLDMArch()
 
 
-class ConditionDropout(_Strict):
+class ConditionDropout(Strict):
     text: float = Field(0.1, ge=0, le=1)
     vocal: float = Field(0.1, ge=0, le=1)
 
 
-class AudioLDMConfig(_Strict):
+class AudioLDMConfig(Strict):
     preset: str = "tiny"
     presets: dict[str, AudioLDMPreset] = {
         "tiny": AudioLDMPreset(),

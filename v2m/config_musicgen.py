@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from v2m.config_base import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MusicGenArch(_Strict):
+class MusicGenArch(Strict):
     """Architecture of a random-init preset (the real preset reads its own from the weights' config.json)."""
     decoder_layers: int = Field(2, ge=1)
     decoder_hidden: int = Field(64, ge=8)
@@ -26,25 +24,25 @@ class MusicGenArch(_Strict):
     codec_dim: int = Field(16, ge=2)  # EnCodec latent / codebook vector size (128 in the real codec)
 
 
-class MusicGenPreset(_Strict):
+class MusicGenPreset(Strict):
     weights: str = ""  # "" = random init from `arch`; else a local folder or s3://bucket/prefix of real files
     arch: MusicGenArch = MusicGenArch()
 
 
-class ConditionDropout(_Strict):
+class ConditionDropout(Strict):
     """Per-item, independent probabilities of training without a condition (classifier-free guidance)."""
     text: float = Field(0.3, ge=0, le=1)  # dropped text = empty prompt with an all-zero attention mask
     chroma: float = Field(0.2, ge=0, le=1)  # dropped chroma = the model's null melody (one-hot bin 0 everywhere)
 
 
-class LoraConfig(_Strict):
+class LoraConfig(Strict):
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "v_proj"]
 
 
-class MusicGenConfig(_Strict):
+class MusicGenConfig(Strict):
     preset: str = "tiny"
     presets: dict[str, MusicGenPreset] = {
         "tiny": MusicGenPreset(),
