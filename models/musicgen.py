@@ -325,17 +325,32 @@ class MusicGenBackend(Backend):
         if vocal is None and prompt is None:
             raise ValueError("musicgen.generate needs a vocal, a prompt, or both")
         n_samples = round(duration_s * self.sample_rate)
-        frames = math.ceil(n_samples / self.codec_hop)
-        chroma = None
+        melody = None
         if vocal is not None:  # the melody of the span we generate
-            audio = resample(to_mono(np.asarray(vocal, np.float32)), vocal_sr, self.sample_rate)[:n_samples]
-            chroma = melody_chroma(audio)
-        input_ids, attention_mask = self._tokenise([prompt])
-        features = self._chroma_batch([chroma])
-        positions = features.shape[1] + input_ids.shape[1] + frames + self.num_codebooks
+            melody = resample(to_mono(np.asarray(vocal, np.float32)), vocal_sr, self.sample_rate)[:n_samples]
+        codes = self.generate_codes([melody], [prompt], math.ceil(n_samples / self.codec_hop), seed, guidance_scale)
+        wav = self.decode_codes(codes[0])[:n_samples]
+        return np.pad(wav, (0, n_samples - len(wav))).astype(np.float32)
+
+    @torch.no_grad()
+    def generate_codes(self, melodies: list[np.ndarray | None], prompts: list[str | None], frames: int,
+                       seed: int = 0, guidance_scale: float | None = None,
+                       prompt_codes: np.ndarray | None = None) -> np.ndarray:
+        """[B, K, P + frames] codes for a batch: melodies are 32 kHz audio (None = no melody), prompt_codes
+        [B, K, P] are continued (audiocraft's audio prompt; the melody then spans prompt and new frames alike).
+        All B items draw from one RNG seeded with `seed` (models/longform.py builds whole songs from this)."""
+        input_ids, attention_mask = self._tokenise(prompts)
+        features = self._chroma_batch([None if m is None else melody_chroma(m) for m in melodies])
+        n_prompt = 0 if prompt_codes is None else prompt_codes.shape[-1]
+        # un-delayed [B * K, P]; generate() prepends bos and builds the delay pattern
+        start = torch.as_tensor(np.asarray(prompt_codes if n_prompt else np.zeros((len(prompts), self.num_codebooks, 0)),
+                                           np.int64)).reshape(len(prompts) * self.num_codebooks, n_prompt)
+        extra = {"decoder_input_ids": start.to(self.device)} if n_prompt else {}
+        positions = features.shape[1] + input_ids.shape[1] + n_prompt + frames + self.num_codebooks
         if positions > self.model.decoder.config.max_position_embeddings:
-            raise ValueError(f"musicgen: {duration_s} s is longer than one call can generate "
-                             f"({self.model.decoder.config.max_position_embeddings} positions, {positions} needed)")
+            raise ValueError(f"musicgen: {(n_prompt + frames) * self.codec_hop / self.sample_rate:.1f} s is longer "
+                             f"than one call can generate ({self.model.decoder.config.max_position_embeddings} "
+                             f"positions, {positions} needed)")
         scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         was_training = self.model.training
         self.model.eval()
@@ -343,10 +358,34 @@ class MusicGenBackend(Backend):
             with _fork_rng(self.device):
                 torch.manual_seed(seed)
                 # generate(max_new_tokens=N) yields N + 1 - K frames: the delay pattern costs K - 1 steps.
-                audio = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                            input_features=features, do_sample=True, top_k=self.cfg.top_k,
-                                            guidance_scale=scale, max_new_tokens=frames + self.num_codebooks - 1)
+                recorder = _CodeRecorder()
+                self.model.generate(input_ids=input_ids, attention_mask=attention_mask, input_features=features,
+                                    do_sample=True, top_k=self.cfg.top_k, guidance_scale=scale, streamer=recorder,
+                                    max_new_tokens=frames + self.num_codebooks - 1, **extra)
         finally:
             self.model.train(was_training)
-        wav = audio[0, 0, :n_samples].float().cpu().numpy()
-        return np.pad(wav, (0, n_samples - len(wav))).astype(np.float32)
+        return recorder.codes(self.model.decoder, len(prompts), start, self.pad_id)
+
+
+class _CodeRecorder:
+    """A generate() streamer that keeps the token ids: transformers' MusicGen generate() returns decoded audio
+    only, and continuing a song needs the codes. codes() undoes the delay pattern as generate() itself does."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+
+    def put(self, ids: torch.Tensor) -> None:
+        self.parts.append(ids if ids.dim() == 2 else ids[:, None])  # first the prefix [B*K, L], then [B*K] a step
+
+    def end(self) -> None:
+        pass
+
+    def codes(self, decoder, batch: int, prompt: torch.Tensor, pad_id: int) -> np.ndarray:
+        """[B, K, P + frames]: the prompt codes [B * K, P] and what was generated after them."""
+        seq = torch.cat(self.parts, -1)
+        k = decoder.num_codebooks
+        bos = torch.full((seq.shape[0], 1), pad_id, dtype=torch.long)  # bos = pad in MusicGen
+        _, mask = decoder.build_delay_pattern_mask(torch.cat([bos, prompt.cpu()], -1), pad_token_id=pad_id,
+                                                   max_length=seq.shape[-1])
+        seq = decoder.apply_delay_pattern_mask(seq, mask)
+        return seq[seq != pad_id].reshape(batch, k, -1).numpy()

@@ -228,7 +228,9 @@ def generate_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="Output .
                  seed: int = 0, guidance: Annotated[float | None, typer.Option(help="Guidance scale.")] = None,
                  steps: Annotated[int | None, typer.Option(help="Diffusion steps (AudioLDM).")] = None,
                  params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Generate an instrumental for a vocal and/or a prompt, from a registered model, a run or a folder."""
+    """Generate an instrumental for a vocal and/or a prompt, from a registered model, a run or a folder; songs
+    longer than one model window are made in overlapping windows (params.yaml generate:)."""
+    from models.longform import Request, check_length, generate_long
     from models.refs import resolve_model
     from v2m.audio import load_vocal, write_wav
     from v2m.tracking import setup_mlflow
@@ -242,12 +244,13 @@ def generate_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="Output .
         fail(f"--duration must be positive (got {duration})")
     p = params_or_fail(params)
     with user_errors():
+        check_length(duration, p.generate)  # before any model loads
         voice, sr = load_vocal(vocal) if vocal is not None else (None, 0)
         setup_mlflow(p, Path.cwd())
         b = resolve_model(str(checkpoint or model))
     if backend and backend != b.name:
         fail(f"{checkpoint or model} is a {b.name} model, not {backend}")
-    audio = b.generate(voice, sr, prompt, duration, seed=seed, guidance_scale=guidance, steps=steps)
+    audio = generate_long(b, Request(voice, sr, prompt, duration, seed), p.generate, guidance, steps)
     write_wav(out, audio, b.sample_rate)
     console.print(f"wrote {out} ({len(audio) / b.sample_rate:.2f} s at {b.sample_rate} Hz, {b.name})")
 

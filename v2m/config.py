@@ -16,6 +16,7 @@ from v2m.config_audioldm import AudioLDMConfig
 from v2m.config_base import Strict
 from v2m.errors import UserError
 from v2m.config_musicgen import MusicGenConfig
+from v2m.config_serve import GenerateConfig, ServeConfig
 
 PARAMS_FILE = "params.yaml"
 
@@ -214,6 +215,8 @@ class Params(Strict):
     retrain: RetrainConfig = RetrainConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     promotion: PromotionConfig = PromotionConfig()
+    generate: GenerateConfig = GenerateConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _presets_exist(self) -> "Params":

@@ -1,0 +1,153 @@
+"""Whole songs: generate past one model window by chaining windows.
+
+    MusicGen   window 0 = [0, W); each next call continues the last W - S seconds of codes (the audio prompt)
+               and adds S new seconds, with the melody of the matching span of the vocal: audiocraft's
+               extend-stride generation (W = 30 s, S = 20 s by default). All codes are decoded once at the end,
+               so there is no seam in the waveform, only in the conditioning.
+    AudioLDM   windows [kS, kS + W) generated independently from the vocal's matching span (seed + k) and joined
+               with an equal-power (sin/cos) crossfade over the W - S seconds they share.
+
+Both are built on the backends' own verbs (MusicGen's generate_codes, AudioLDM's generate), windows come from
+params.yaml `generate:`, and a request past `generate.max_duration_s` fails with that limit named.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.base import Backend, peak_normalize
+from v2m.audio import resample, to_mono
+from v2m.config_serve import GenerateConfig, WindowConfig
+from v2m.errors import UserError
+
+MIN_MELODY_S = 0.2  # a vocal span shorter than this has no melody to speak of: the window runs without one
+
+
+class TooLongError(UserError, ValueError):
+    """The requested length is past params.yaml generate.max_duration_s."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One instrumental to make: a vocal (any rate, None for text only) and/or a prompt."""
+    vocal: np.ndarray | None
+    vocal_sr: int
+    prompt: str | None
+    duration_s: float
+    seed: int = 0
+
+
+def check_length(duration_s: float, cfg: GenerateConfig) -> None:
+    if duration_s > cfg.max_duration_s:
+        raise TooLongError(f"{duration_s:.1f} s is longer than the {cfg.max_duration_s:g} s limit "
+                           f"(params.yaml generate.max_duration_s)")
+
+
+def window_starts(duration_s: float, win: WindowConfig) -> list[float]:
+    """Start times of the windows that cover [0, duration_s): 0, S, 2S, ... while the previous one ends early."""
+    starts = [0.0]
+    while starts[-1] + win.window_s < duration_s:
+        starts.append(starts[-1] + win.stride_s)
+    return starts
+
+
+def seam_times(duration_s: float, win: WindowConfig, backend: str) -> list[float]:
+    """Where one window's audio hands over to the next: MusicGen's new codes start at the end of each window;
+    AudioLDM's crossfades are centred in each overlap."""
+    starts = window_starts(duration_s, win)[1:]
+    overlap = win.window_s - win.stride_s
+    return [s + overlap for s in starts] if backend == "musicgen" else [s + overlap / 2 for s in starts]
+
+
+def _span(vocal: np.ndarray | None, sr: int, start_s: float, end_s: float) -> np.ndarray | None:
+    if vocal is None:
+        return None
+    part = vocal[round(start_s * sr): round(end_s * sr)]
+    return part if len(part) >= MIN_MELODY_S * sr else None
+
+
+def generate_long(backend: Backend, req: Request, cfg: GenerateConfig, guidance_scale: float | None = None,
+                  steps: int | None = None) -> np.ndarray:
+    """One instrumental of req.duration_s at backend.sample_rate, in as many windows as it takes."""
+    return generate_batch(backend, [req], cfg, guidance_scale, steps)[0]
+
+
+def generate_batch(backend: Backend, reqs: list[Request], cfg: GenerateConfig, guidance_scale: float | None = None,
+                   steps: int | None = None) -> list[np.ndarray]:
+    """Several instrumentals. MusicGen runs requests of the same duration as one batch (all of a batch's
+    sampling then draws from the first request's seed); AudioLDM runs them one after the other."""
+    for r in reqs:
+        check_length(r.duration_s, cfg)
+        if r.vocal is None and not r.prompt:
+            raise ValueError("generate needs a vocal, a prompt, or both")
+    if backend.name != "musicgen":
+        return [_crossfaded(backend, r, cfg.audioldm, guidance_scale, steps) for r in reqs]
+    out: list[np.ndarray | None] = [None] * len(reqs)
+    groups: dict[float, list[int]] = {}
+    for i, r in enumerate(reqs):
+        groups.setdefault(r.duration_s, []).append(i)
+    for idx in groups.values():
+        for i, audio in zip(idx, _continued(backend, [reqs[i] for i in idx], cfg.musicgen, guidance_scale)):
+            out[i] = audio
+    return out  # type: ignore[return-value]
+
+
+def _continued(backend, reqs: list[Request], win: WindowConfig, guidance_scale: float | None) -> list[np.ndarray]:
+    """MusicGen extend-stride over a batch of requests of one duration."""
+    sr, hop = backend.sample_rate, backend.codec_hop
+    n_samples = round(reqs[0].duration_s * sr)
+    total = math.ceil(n_samples / hop)
+    per_window = round(win.window_s * sr / hop)
+    vocals = [None if r.vocal is None else resample(to_mono(np.asarray(r.vocal, np.float32)), r.vocal_sr, sr)
+              for r in reqs]
+    prompts = [r.prompt or None for r in reqs]
+    codes = None
+    for k, start in enumerate(window_starts(reqs[0].duration_s, win)):
+        first = round(start * sr / hop)  # code frame where this window starts
+        have = 0 if codes is None else codes.shape[-1]
+        carried = None if codes is None else codes[:, :, first:have]
+        new = min(per_window - (have - first), total - have)
+        melodies = [_span(v, sr, first * hop / sr, (first + per_window) * hop / sr) for v in vocals]
+        window = backend.generate_codes(melodies, prompts, new, seed=reqs[0].seed + k,
+                                        guidance_scale=guidance_scale, prompt_codes=carried)
+        codes = window if codes is None else np.concatenate([codes, window[:, :, have - first:]], -1)
+    audio = []
+    for c in codes:
+        wav = backend.decode_codes(c)[:n_samples]
+        audio.append(peak_normalize(np.pad(wav, (0, n_samples - len(wav)))))
+    return audio
+
+
+def equal_power(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fade_out, fade_in) of n samples with fade_out² + fade_in² = 1: uncorrelated windows keep their power."""
+    t = (np.arange(n, dtype=np.float32) + 0.5) / max(n, 1)
+    return np.cos(t * np.pi / 2).astype(np.float32), np.sin(t * np.pi / 2).astype(np.float32)
+
+
+def _crossfaded(backend: Backend, req: Request, win: WindowConfig, guidance_scale: float | None,
+                steps: int | None) -> np.ndarray:
+    """AudioLDM: independent windows on the vocal's matching span, joined by equal-power crossfades."""
+    sr = backend.sample_rate
+    n_samples = round(req.duration_s * sr)
+    out = np.zeros(n_samples, np.float32)
+    fade = round((win.window_s - win.stride_s) * sr)
+    for k, start in enumerate(window_starts(req.duration_s, win)):
+        end = min(start + win.window_s, req.duration_s)
+        part = _span(req.vocal, req.vocal_sr, start, end)
+        if part is None and not req.prompt:  # past the end of the vocal with no text: continue its last span
+            part = _span(req.vocal, req.vocal_sr, max(0.0, len(req.vocal) / req.vocal_sr - win.window_s), end)
+        audio = backend.generate(part, req.vocal_sr, req.prompt, end - start, seed=req.seed + k,
+                                 guidance_scale=guidance_scale, steps=steps)
+        a = round(start * sr)
+        audio = audio[: n_samples - a]
+        if k and fade:
+            fade_out, fade_in = equal_power(min(fade, len(audio)))
+            m = len(fade_in)
+            out[a: a + m] = out[a: a + m] * fade_out + audio[:m] * fade_in
+            out[a + m: a + len(audio)] = audio[m:]
+        else:
+            out[a: a + len(audio)] = audio
+    return peak_normalize(out)
