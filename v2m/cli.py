@@ -255,6 +255,18 @@ def generate_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="Output .
     console.print(f"wrote {out} ({len(audio) / b.sample_rate:.2f} s at {b.sample_rate} Hz, {b.name})")
 
 
+@app.command("serve")
+def serve_cmd(model: Annotated[str | None, typer.Option(help="REF to serve; default params serve.model, else voice2music-<serve.backend>@champion (followed as it moves).")] = None,
+              host: Annotated[str | None, typer.Option(help="Default params serve.host.")] = None,
+              port: Annotated[int | None, typer.Option(help="Default params serve.port.")] = None,
+              params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Serve a model over HTTP: POST /v1/generate, /healthz, /readyz, /metrics, and a page at /."""
+    from tasks.serving.server import serve
+    p = params_or_fail(params)
+    with user_errors():
+        serve(p, Path.cwd(), model, host, port)
+
+
 @app.command("evaluate")
 def evaluate_cmd(model: Annotated[str, typer.Option(help="NAME@alias, NAME/version, runs:/RUN_ID, a folder, or base:<backend>.")],
                  split: Annotated[str | None, typer.Option(help="Override evaluation.split.")] = None,

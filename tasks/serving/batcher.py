@@ -1,0 +1,129 @@
+"""A bounded queue and one generation worker that runs requests arriving close together as one batch.
+
+One worker owns the model calls (a GPU runs one generate at a time best; batching is how it serves several).
+Each batch takes the holder's current model once, so a swap between batches never splits a request across
+two models. Requests beyond `max_pending` (queued + running) are refused at once (Overloaded -> 503 with
+Retry-After) instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.longform import Request, generate_batch
+from tasks.serving.holder import ModelHolder
+from tasks.serving.metrics import Metrics
+from v2m.config_serve import GenerateConfig
+
+log = logging.getLogger("v2m.serve")
+
+
+class Overloaded(Exception):
+    """The queue is full."""
+
+
+class NotReady(Exception):
+    """No model is loaded yet."""
+
+
+@dataclass(frozen=True)
+class Result:
+    audio: np.ndarray
+    sample_rate: int
+    model: str
+    seconds: float  # time spent generating (the batch's), for the real-time factor
+
+
+class Batcher:
+    def __init__(self, holder: ModelHolder, gen: GenerateConfig, metrics: Metrics, max_pending: int,
+                 window_s: float, max_batch: int):
+        self.holder, self.gen, self.metrics = holder, gen, metrics
+        self.max_pending, self.window_s, self.max_batch = max_pending, window_s, max_batch
+        self._queue: queue.Queue[tuple[Request, Future] | None] = queue.Queue()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, req: Request) -> Future:
+        if not self.holder.ready:
+            raise NotReady()
+        with self._lock:
+            if self._pending >= self.max_pending:
+                raise Overloaded()
+            self._pending += 1
+            self.metrics.queue_depth.set(self._pending)
+        fut: Future = Future()
+        self._queue.put((req, fut))
+        return fut
+
+    def _done(self, n: int) -> None:
+        with self._lock:
+            self._pending -= n
+            self.metrics.queue_depth.set(self._pending)
+
+    def _collect(self, first: tuple[Request, Future]) -> list[tuple[Request, Future]]:
+        """The first job plus whatever else arrives within the batch window (up to max_batch)."""
+        batch, deadline = [first], time.monotonic() + self.window_s
+        while len(batch) < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)  # let run() see the stop after this batch
+                break
+            batch.append(job)
+        return batch
+
+    def run_batch(self, batch: list[tuple[Request, Future]]) -> None:
+        live = [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]  # timed-out requests are dropped
+        self._done(len(batch) - len(live))
+        if not live:
+            return
+        served = self.holder.current  # one model for the whole batch, even if a swap happens meanwhile
+        try:
+            for group in _same_duration(live):
+                start = time.perf_counter()
+                audio = generate_batch(served.backend, [r for r, _ in group], self.gen)
+                took = time.perf_counter() - start
+                self.metrics.batch_size.observe(len(group))
+                for (_, fut), a in zip(group, audio):
+                    fut.set_result(Result(a, served.backend.sample_rate, served.label, took))
+                self._done(len(group))
+        except Exception as exc:  # fail the batch's requests (500), keep the worker alive
+            log.exception("generation failed")
+            unfinished = [f for _, f in live if not f.done()]
+            for f in unfinished:
+                f.set_exception(exc)
+            self._done(len(unfinished))
+
+    def start(self) -> None:
+        def run() -> None:
+            while (job := self._queue.get()) is not None:
+                self.run_batch(self._collect(job))
+        self._thread = threading.Thread(target=run, name="v2m-generate", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+def _same_duration(jobs: list[tuple[Request, Future]]) -> list[list[tuple[Request, Future]]]:
+    groups: dict[float, list[tuple[Request, Future]]] = {}
+    for job in jobs:
+        groups.setdefault(job[0].duration_s, []).append(job)
+    return list(groups.values())

@@ -1,0 +1,45 @@
+"""Build the service from params.yaml `serve:` and run it on uvicorn (what `v2m serve` calls)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tasks.serving.app import Service, create_app
+from tasks.serving.batcher import Batcher
+from tasks.serving.holder import ModelHolder
+from tasks.serving.metrics import Metrics
+from v2m.config import Params
+from v2m.tracking import REGISTERED_MODELS
+
+
+def default_ref(params: Params) -> str:
+    return params.serve.model or f"{REGISTERED_MODELS[params.serve.backend]}@champion"
+
+
+def build_service(params: Params, root: Path, ref: str | None = None) -> Service:
+    from models import configure_torch, default_device
+    from models.refs import resolve_model
+    from v2m.tracking import setup_mlflow
+    setup_mlflow(params, root)
+    configure_torch(params.torch_threads)
+    cfg, metrics = params.serve, Metrics()
+    device = default_device()
+
+    def on_change(h: ModelHolder) -> None:
+        if h.current is not None:
+            metrics.serving(h.current.label, h.current.backend.name)
+        metrics.load_failed(h.failed[0] if h.failed else None)
+
+    holder = ModelHolder(ref or default_ref(params), lambda label: resolve_model(label, device=device),
+                         cfg.poll_s, on_change)
+    batcher = Batcher(holder, params.generate, metrics, cfg.max_pending, cfg.batch_window_ms / 1000, cfg.max_batch)
+    return Service(cfg, params.generate, holder, batcher, metrics)
+
+
+def serve(params: Params, root: Path, ref: str | None = None, host: str | None = None,
+          port: int | None = None) -> None:
+    import uvicorn
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(build_service(params, root, ref))
+    uvicorn.run(app, host=host or params.serve.host, port=port or params.serve.port, log_level="info")
