@@ -8,6 +8,7 @@ promotion / failed version / rollback while a client keeps sending requests, and
 from __future__ import annotations
 
 import io
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from playwright.sync_api import sync_playwright
 
 from tasks.data.voice import espeak_workspace, lyrics, make_artists, resolve_voice, sing
 from tests.flows.serving_support import (register_tiny, set_champion, start_server, stop_server, wait_ready,
@@ -25,6 +27,11 @@ from v2m.s3server import free_port
 
 MODEL = "voice2music-musicgen"
 SR = 32000
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# as tests/model/test_report.py, plus a fake microphone (a beep) that the page may use without asking
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required",
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +203,49 @@ def test_health_and_page(server) -> None:
     page = client.get("/")
     assert page.status_code == 200 and 'id="vocal-file"' in page.text and "MediaRecorder" in page.text
     assert client.get("/nope").json()["error"] == "http_error"
+
+
+AUDIO_DURATION = """sel => { const a = document.querySelector(sel); return a.readyState >= 1 ? a.duration :
+    new Promise(r => { a.onloadedmetadata = () => r(a.duration); a.onerror = () => r(-1); a.load(); }); }"""
+
+
+def test_the_page_uploads_records_generates_plays_and_downloads_in_chromium(server, tmp_path: Path) -> None:
+    assert CHROMIUM, "chromium is not installed: `make test` installs it (apt-get install chromium)"
+    take = tmp_path / "take.wav"
+    sf.write(take, sung("fr", 2.0, seed=6), SR)
+    base = str(server["client"].base_url).rstrip("/")
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(accept_downloads=True)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(base + "/")
+        page.set_input_files("#vocal-file", str(take))
+        page.select_option("#prompt-choice", label="Disco music for input vocals")
+        page.fill("#seed", "11")
+        page.click("#generate")
+        page.wait_for_selector("#results:not([hidden])", timeout=60_000)
+        assert page.inner_text("#status") == "Done."
+        assert page.inner_text("#model-info") == f"Model {MODEL}/{server['versions']['v1']}, seed 11"
+        assert abs(page.evaluate(AUDIO_DURATION, "#instrumental") - 2.0) < 0.05  # the vocal's length
+        assert abs(page.evaluate(AUDIO_DURATION, "#mixed") - 2.0) < 0.05
+        with page.expect_download() as download:
+            page.click("#download")
+        saved = tmp_path / "download.wav"
+        download.value.save_as(saved)
+        audio, sr = sf.read(saved)
+        assert sr == SR and len(audio) == 2 * SR and np.abs(audio).max() > 0.1
+
+        # Record from the (fake) microphone instead: the page converts the recording to WAV and sends it.
+        page.click("#record")
+        page.wait_for_function("document.querySelector('#status').textContent === 'Recording…'")
+        page.wait_for_timeout(1500)
+        page.click("#stop")
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('Recorded')")
+        page.click("#generate")
+        page.wait_for_function("['Done.'].includes(document.querySelector('#status').textContent) || "
+                               "document.querySelector('#status').className === 'error'", timeout=60_000)
+        assert page.inner_text("#status") == "Done.", page.inner_text("#status")
+        assert page.evaluate(AUDIO_DURATION, "#instrumental") > 1.0
+        browser.close()
+    assert not errors, errors
