@@ -18,9 +18,29 @@ import pandas as pd
 
 from v2m.audio import read_mono
 
-# What a serving environment needs besides this project (pip install voice2music[ml] provides all).
-PIP_REQUIREMENTS = ["voice2music[ml]", "torch", "transformers", "diffusers", "peft", "safetensors", "soundfile",
-                    "soxr", "pandas", "mlflow"]
+# The model is self-contained: this project's `models` and `v2m` packages travel inside it (code_paths) and
+# its requirements name only published packages, pinned to the versions it was logged with, so
+# `mlflow models serve -m models:/voice2music-musicgen@champion` works in a fresh environment.
+CODE_PACKAGES = ("models", "v2m")
+REQUIREMENTS = ("torch", "transformers", "diffusers", "peft", "safetensors", "sentencepiece", "tokenizers",
+                "numpy", "scipy", "soundfile", "soxr", "librosa", "pydantic", "pyyaml", "pandas", "boto3", "mlflow")
+
+
+def pip_requirements() -> list[str]:
+    """REQUIREMENTS at the versions installed here (a local suffix such as +cpu dropped: pip picks the build)."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = []
+    for name in REQUIREMENTS:
+        try:
+            out.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def code_paths() -> list[str]:
+    root = Path(__file__).resolve().parents[1]
+    return [str(root / pkg) for pkg in CODE_PACKAGES]
 
 
 def _given(value: Any) -> Any:
@@ -51,5 +71,5 @@ def log_pyfunc(backend_name: str, model_dir: Path) -> str:
     """Log the saved model folder as this run's pyfunc model (MLflow 3: name=...); returns the model URI."""
     info = mlflow.pyfunc.log_model(name="model", python_model=InstrumentalGenerator(),
                                    artifacts={"model": str(model_dir)}, model_config={"backend": backend_name},
-                                   pip_requirements=PIP_REQUIREMENTS)
+                                   pip_requirements=pip_requirements(), code_paths=code_paths())
     return info.model_uri

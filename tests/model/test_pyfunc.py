@@ -1,0 +1,65 @@
+"""The logged pyfunc is self-contained: it loads and generates in a Python that cannot import this project
+(outside the project folder, no PYTHONPATH, and without the editable install's path hook)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import mlflow
+import yaml
+
+from models.pyfunc import REQUIREMENTS
+from tests.flows.serving_support import register_tiny, set_champion, write_params
+from v2m.tracking import tracking_uri
+from v2m.config import load_params
+
+# `python -S` skips site.py, so no .pth file runs (the editable install of this project is one); the venv's
+# site-packages is then added as a plain folder: every dependency, but not the project.
+FRESH = textwrap.dedent("""
+    import importlib.util, json, sys
+    sys.path.append(SITE)
+    assert importlib.util.find_spec("models") is None and importlib.util.find_spec("v2m") is None, "project visible"
+    import mlflow.pyfunc, pandas as pd
+    model = mlflow.pyfunc.load_model("models:/voice2music-musicgen@champion")
+    out = model.predict(pd.DataFrame([{"vocal_path": None, "prompt": "Pop music for input vocals",
+                                       "duration_s": 0.5, "seed": 1}]))
+    audio = out.loc[0, "audio"]
+    import models
+    print(json.dumps({"samples": len(audio), "rate": int(out.loc[0, "sample_rate"]),
+                      "peak": float(abs(audio).max()), "models_from": models.__file__}))
+""")
+
+
+def test_the_registered_pyfunc_loads_and_generates_outside_the_project(tmp_path: Path) -> None:
+    root = tmp_path / "proj"
+    root.mkdir()
+    write_params(root)
+    version = register_tiny(root, seed=1)
+    set_champion(root, version)
+    client = mlflow.MlflowClient()
+    source = client.get_model_version("voice2music-musicgen", version).source
+    local = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path / "dl")))
+    spec = yaml.safe_load((local / "MLmodel").read_text())
+    assert spec["flavors"]["python_function"]["code"] == "code"
+    assert set(os.listdir(local / "code")) >= {"models", "v2m"}
+    reqs = (local / "requirements.txt").read_text().split()
+    assert not [r for r in reqs if "voice2music" in r]  # nothing unpublished
+    assert {r.split("==")[0] for r in reqs} >= set(REQUIREMENTS) and all("==" in r for r in reqs)
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri(load_params(root / "params.yaml"), root)
+    script = f"SITE = {sysconfig.get_paths()['purelib']!r}\n" + FRESH
+    res = subprocess.run([sys.executable, "-S", "-c", script], cwd=outside, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["rate"] == 32000 and out["samples"] == 16000 and out["peak"] > 0.1
+    assert not out["models_from"].startswith(str(Path(__file__).resolve().parents[2]))  # the model's own copy
