@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python bench/cached_inputs.py --backend audioldm
 	$(BIN)/python bench/eval_throughput.py
 	$(BIN)/python bench/retrain_rerun.py
+	$(BIN)/python bench/serve.py
 
 setup: $(STAMP)
 
@@ -38,7 +39,7 @@ $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory sysdeps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[render,ml,dev]'
+	$(BIN)/pip install -q -e '.[render,ml,serve,dev]'
 	touch $(STAMP)
 
 # System packages: espeak-ng sings the demo vocals and libfluidsynth3 renders the accompaniment (without them
