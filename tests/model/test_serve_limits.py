@@ -3,6 +3,7 @@ a request past serve.timeout_s answers 504, and both are counted in /metrics."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import soundfile as sf
 import uvicorn
 
 from models import get_backend, save_model
@@ -53,8 +55,8 @@ def running(model_dir: Path, tmp_path: Path, **serve):
 def serve(model_dir: Path, tmp_path: Path):
     started = []
 
-    def start(**overrides) -> str:
-        server, thread, base = running(model_dir, tmp_path, **overrides)
+    def start(model: Path | None = None, **overrides) -> str:
+        server, thread, base = running(model or model_dir, tmp_path, **overrides)
         started.append((server, thread))
         return base
 
@@ -82,3 +84,12 @@ def test_a_request_past_the_timeout_is_504(serve) -> None:
     base = serve(timeout_s=0.3)
     r = post(base, 4.0)
     assert r.status_code == 504 and r.json()["error"] == "timeout" and "serve.timeout_s" in r.json()["detail"]
+
+
+def test_an_audioldm_model_serves_16_khz_audio(tmp_path: Path, serve) -> None:
+    p = load_params(ROOT / "params.yaml")
+    save_model(get_backend("audioldm").from_preset(p.audioldm, "tiny", seed=0), tmp_path / "audioldm")
+    r = post(serve(tmp_path / "audioldm"), 1.5)
+    assert r.status_code == 200, r.text
+    audio, sr = sf.read(io.BytesIO(r.content))
+    assert sr == 16000 and len(audio) == 24000 and abs(audio).max() > 0.1
