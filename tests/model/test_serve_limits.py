@@ -1,5 +1,5 @@
 """The server's limits on a real uvicorn server (in a thread here): a full queue answers 503 with Retry-After,
-a request past serve.timeout_s answers 504, and both are counted in /metrics."""
+a request past serve.timeout_s answers 504, the 503s are counted in /metrics; and an AudioLDM model serves too."""
 
 from __future__ import annotations
 
