@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from v2m import numba_cache
 from v2m.errors import UserError
 
 CACHE_DIR = ".cache"
@@ -67,7 +68,8 @@ def _pool(n_workers: int) -> ProcessPoolExecutor:
     if pool is None or getattr(pool, "_broken", False):
         threaded = THREADED_LIBRARIES & sys.modules.keys()
         ctx = mp.get_context("forkserver" if threaded else "fork")
-        pool = _POOLS[n_workers] = ProcessPoolExecutor(n_workers, mp_context=ctx)
+        pool = _POOLS[n_workers] = ProcessPoolExecutor(n_workers, mp_context=ctx,
+                                                        initializer=numba_cache.worker_init)
     return pool
 
 
