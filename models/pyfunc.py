@@ -55,14 +55,18 @@ class InstrumentalGenerator(mlflow.pyfunc.PythonModel):
                                                                          device=default_device())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from models.longform import Request, generate_long
+        from v2m.config_serve import GenerateConfig
         rows = []
         for row in model_input.to_dict("records"):
             vocal, sr = (None, 0)
             if row.get("vocal_path"):
                 vocal, sr = read_mono(row["vocal_path"])
-            audio = self.backend.generate(vocal, sr, row.get("prompt") or None, float(row.get("duration_s", 8.0)),
-                                          seed=int(row.get("seed", 0)), guidance_scale=_given(row.get("guidance_scale")),
-                                          steps=None if _given(row.get("steps")) is None else int(row["steps"]))
+            request = Request(vocal, sr, row.get("prompt") or None, float(row.get("duration_s", 8.0)),
+                              int(row.get("seed", 0)))
+            # whole songs in windows, with the default windows and limit of params.yaml `generate:`
+            audio = generate_long(self.backend, request, GenerateConfig(), _given(row.get("guidance_scale")),
+                                  None if _given(row.get("steps")) is None else int(row["steps"]))
             rows.append({"audio": audio, "sample_rate": self.backend.sample_rate})
         return pd.DataFrame(rows)
 
