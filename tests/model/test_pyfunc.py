@@ -1,23 +1,28 @@
 """The logged pyfunc is self-contained: it loads and generates in a Python that cannot import this project
-(outside the project folder, no PYTHONPATH, and without the editable install's path hook)."""
+(outside the project folder, no PYTHONPATH, and without the editable install's path hook), and
+`mlflow models serve -m models:/voice2music-musicgen@champion` serves it."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
 import textwrap
+import time
 from pathlib import Path
 
+import httpx
 import mlflow
 import yaml
 
 from models.pyfunc import REQUIREMENTS
 from tests.flows.serving_support import register_tiny, set_champion, write_params
-from v2m.tracking import tracking_uri
 from v2m.config import load_params
+from v2m.s3server import free_port
+from v2m.tracking import tracking_uri
 
 # `python -S` skips site.py, so no .pth file runs (the editable install of this project is one); the venv's
 # site-packages is then added as a plain folder: every dependency, but not the project.
@@ -63,3 +68,25 @@ def test_the_registered_pyfunc_loads_and_generates_outside_the_project(tmp_path:
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["rate"] == 32000 and out["samples"] == 16000 and out["peak"] > 0.1
     assert not out["models_from"].startswith(str(Path(__file__).resolve().parents[2]))  # the model's own copy
+
+    # And MLflow's own server answers with it (this environment's packages; the model's own code).
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                               "models:/voice2music-musicgen@champion", "--env-manager", "local", "-h", "127.0.0.1",
+                               "-p", str(port)], cwd=outside, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        r = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=120, json={"dataframe_records": [
+            {"vocal_path": None, "prompt": "Pop music for input vocals", "duration_s": 0.5, "seed": 1}]})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["predictions"][0]["audio"]) == 16000
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # mlflow starts uvicorn as a child: stop the group we started
+        server.wait(timeout=30)
