@@ -40,6 +40,11 @@ def build_service(params: Params, root: Path, ref: str | None = None) -> Service
 def serve(params: Params, root: Path, ref: str | None = None, host: str | None = None,
           port: int | None = None) -> None:
     import uvicorn
+
+    from models.refs import to_model_uri
+    ref = ref or default_ref(params)
+    if not Path(ref).is_dir():
+        to_model_uri(ref)  # a REF that can never name a model fails now (exit 1), not as a server never ready
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(build_service(params, root, ref))
     uvicorn.run(app, host=host or params.serve.host, port=port or params.serve.port, log_level="info")

@@ -93,3 +93,11 @@ def test_an_audioldm_model_serves_16_khz_audio(tmp_path: Path, serve) -> None:
     assert r.status_code == 200, r.text
     audio, sr = sf.read(io.BytesIO(r.content))
     assert sr == 16000 and len(audio) == 24000 and abs(audio).max() > 0.1
+
+
+def test_serve_with_a_ref_that_names_nothing_exits_1() -> None:
+    from typer.testing import CliRunner
+
+    from v2m.cli import app
+    res = CliRunner().invoke(app, ["serve", "--model", "not-a-ref", "--params", str(ROOT / "params.yaml")])
+    assert res.exit_code == 1 and "not a model folder, runs:/RUN_ID, NAME@alias or NAME/version" in res.output
