@@ -293,34 +293,45 @@ class AudioLDMBackend(Backend):
     @torch.no_grad()
     def synthesize(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float,
                  seed: int = 0, guidance_scale: float | None = None, steps: int | None = None) -> np.ndarray:
+        return self.synthesize_batch([vocal], vocal_sr, [prompt], duration_s, [seed], guidance_scale, steps)[0]
+
+    @torch.no_grad()
+    def synthesize_batch(self, vocals: list[np.ndarray | None], vocal_sr: int, prompts: list[str | None],
+                         duration_s: float, seeds: list[int], guidance_scale: float | None = None,
+                         steps: int | None = None) -> list[np.ndarray]:
+        """synthesize() for several items of one duration in one UNet batch (the server's micro-batches). Each
+        item's starting noise comes from its own seed and DDIM is deterministic, so an item's output does not
+        depend on its batch companions (beyond float rounding)."""
         scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         n_samples = round(duration_s * mel.SAMPLE_RATE)
-        has_vocal = vocal is not None and len(vocal) > 0
-        vocal_emb = self.vocal_embedding(resample(np.asarray(vocal, np.float32), vocal_sr, CLAP_SR)) \
-            if has_vocal else self.null_vocal()
-        cond = self.class_labels([prompt], vocal_emb[None], torch.ones(1, dtype=torch.bool),
-                                 torch.tensor([has_vocal]))
-        uncond = torch.cat([self.null_text(), self.null_vocal()])[None]
+        has_vocal = [v is not None and len(v) > 0 for v in vocals]
+        vocal_emb = torch.stack([self.vocal_embedding(resample(np.asarray(v, np.float32), vocal_sr, CLAP_SR))
+                                 if has else self.null_vocal() for v, has in zip(vocals, has_vocal)])
+        n = len(vocals)
+        cond = self.class_labels(list(prompts), vocal_emb, torch.ones(n, dtype=torch.bool), torch.tensor(has_vocal))
+        uncond = torch.cat([self.null_text(), self.null_vocal()])[None].expand(n, -1)
         labels = torch.cat([uncond, cond]) if scale > 1.0 else cond
 
         frames = math.ceil(n_samples / mel.HOP / self.frame_multiple) * self.frame_multiple
         shape = (1, self.unet.config.in_channels, frames // self.vae_factor, mel.N_MELS // self.vae_factor)
-        generator = torch.Generator().manual_seed(seed)
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         scheduler = type(self.scheduler).from_config(self.scheduler.config)  # set_timesteps is stateful
         scheduler.set_timesteps(steps or self.cfg.inference_steps, device=self.device)
-        latents = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(self.device)
-        extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]) * scheduler.init_noise_sigma
+        latents = latents.to(self.device)
+        extra = {"generator": generators[0]} if "generator" in inspect.signature(scheduler.step).parameters else {}
         self.unet.eval()
         for t in scheduler.timesteps:
-            x = scheduler.scale_model_input(torch.cat([latents] * len(labels)), t)
+            x = scheduler.scale_model_input(torch.cat([latents] * (len(labels) // n)), t)
             eps = self.predict_noise(x, t, labels)
             if scale > 1.0:  # classifier-free guidance against the null condition
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + scale * (eps_cond - eps_uncond)
             latents = scheduler.step(eps, t, latents, **extra).prev_sample
-        audio = self.decode(latents)[0].float().cpu().numpy()
-        audio = np.pad(audio[:n_samples], (0, max(0, n_samples - len(audio))))
-        return audio.astype(np.float32)
+        out = []
+        for audio in self.decode(latents).float().cpu().numpy():
+            out.append(np.pad(audio[:n_samples], (0, max(0, n_samples - len(audio)))).astype(np.float32))
+        return out
 
 
 def own_memory(module: nn.Module) -> nn.Module:

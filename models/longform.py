@@ -7,7 +7,8 @@
     AudioLDM   windows [kS, kS + W) generated independently from the vocal's matching span (seed + k) and joined
                with an equal-power (sin/cos) crossfade over the W - S seconds they share.
 
-Both are built on the backends' own verbs (MusicGen's generate_codes, AudioLDM's generate), windows come from
+Both are built on the backends' own verbs (MusicGen's generate_codes, AudioLDM's synthesize_batch: generate for
+a batch), and a batch of requests of the same duration runs through the windows together. Windows come from
 params.yaml `generate:`, and a request past `generate.max_duration_s` fails with that limit named.
 """
 
@@ -24,6 +25,7 @@ from v2m.config_serve import GenerateConfig, WindowConfig
 from v2m.errors import UserError
 
 MIN_MELODY_S = 0.2  # a vocal span shorter than this has no melody to speak of: the window runs without one
+VOCAL_SR = 48000  # AudioLDM windows get their vocals at CLAP's rate (what it embeds them at), one rate per batch
 
 
 class TooLongError(UserError, ValueError):
@@ -77,21 +79,23 @@ def generate_long(backend: Backend, req: Request, cfg: GenerateConfig, guidance_
 
 def generate_batch(backend: Backend, reqs: list[Request], cfg: GenerateConfig, guidance_scale: float | None = None,
                    steps: int | None = None) -> list[np.ndarray]:
-    """Several instrumentals. MusicGen runs requests of the same duration as one batch (all of a batch's
-    sampling then draws from the first request's seed); AudioLDM runs them one after the other."""
+    """Several instrumentals; requests of the same duration run as one model batch. AudioLDM items keep their
+    own seeds (their starting noise); MusicGen's sampling draws from one stream seeded by the batch's first
+    request, so a MusicGen output reproduces from its seed only when it ran alone (serve.max_batch 1)."""
     for r in reqs:
         check_length(r.duration_s, cfg)
         if r.vocal is None and not r.prompt:
             raise ValueError("generate needs a vocal, a prompt, or both")
-    if backend.name != "musicgen":
-        return [_crossfaded(backend, r, cfg.audioldm, guidance_scale, steps) for r in reqs]
     out: list[np.ndarray | None] = [None] * len(reqs)
     groups: dict[float, list[int]] = {}
     for i, r in enumerate(reqs):
         groups.setdefault(r.duration_s, []).append(i)
     for idx in groups.values():
-        for i, audio in zip(idx, _continued(backend, [reqs[i] for i in idx], cfg.musicgen, guidance_scale)):
-            out[i] = audio
+        group = [reqs[i] for i in idx]
+        audio = _continued(backend, group, cfg.musicgen, guidance_scale) if backend.name == "musicgen" \
+            else _crossfaded(backend, group, cfg.audioldm, guidance_scale, steps)
+        for i, a in zip(idx, audio):
+            out[i] = a
     return out  # type: ignore[return-value]
 
 
@@ -127,27 +131,31 @@ def equal_power(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(t * np.pi / 2).astype(np.float32), np.sin(t * np.pi / 2).astype(np.float32)
 
 
-def _crossfaded(backend: Backend, req: Request, win: WindowConfig, guidance_scale: float | None,
-                steps: int | None) -> np.ndarray:
-    """AudioLDM: independent windows on the vocal's matching span, joined by equal-power crossfades."""
-    sr = backend.sample_rate
-    n_samples = round(req.duration_s * sr)
-    out = np.zeros(n_samples, np.float32)
+def _crossfaded(backend, reqs: list[Request], win: WindowConfig, guidance_scale: float | None,
+                steps: int | None) -> list[np.ndarray]:
+    """AudioLDM over a batch of requests of one duration: independent windows on each vocal's matching span
+    (seed + k for window k), each peak-normalised as generate() does, joined by equal-power crossfades."""
+    sr, duration = backend.sample_rate, reqs[0].duration_s
+    n_samples = round(duration * sr)
+    vocals = [None if r.vocal is None else resample(to_mono(np.asarray(r.vocal, np.float32)), r.vocal_sr, VOCAL_SR)
+              for r in reqs]  # one rate for the whole batch
+    outs = [np.zeros(n_samples, np.float32) for _ in reqs]
     fade = round((win.window_s - win.stride_s) * sr)
-    for k, start in enumerate(window_starts(req.duration_s, win)):
-        end = min(start + win.window_s, req.duration_s)
-        part = _span(req.vocal, req.vocal_sr, start, end)
-        if part is None and not req.prompt:  # past the end of the vocal with no text: continue its last span
-            part = _span(req.vocal, req.vocal_sr, max(0.0, len(req.vocal) / req.vocal_sr - win.window_s), end)
-        audio = backend.generate(part, req.vocal_sr, req.prompt, end - start, seed=req.seed + k,
-                                 guidance_scale=guidance_scale, steps=steps)
+    for k, start in enumerate(window_starts(duration, win)):
+        end = min(start + win.window_s, duration)
+        parts = []
+        for r, v in zip(reqs, vocals):
+            part = _span(v, VOCAL_SR, start, end)
+            if part is None and v is not None and not r.prompt:  # past the vocal's end, no text: its last span
+                part = _span(v, VOCAL_SR, max(0.0, len(v) / VOCAL_SR - win.window_s), end)
+            parts.append(part)
+        audio = backend.synthesize_batch(parts, VOCAL_SR, [r.prompt for r in reqs], end - start,
+                                         [r.seed + k for r in reqs], guidance_scale, steps)
         a = round(start * sr)
-        audio = audio[: n_samples - a]
-        if k and fade:
-            fade_out, fade_in = equal_power(min(fade, len(audio)))
-            m = len(fade_in)
-            out[a: a + m] = out[a: a + m] * fade_out + audio[:m] * fade_in
-            out[a + m: a + len(audio)] = audio[m:]
-        else:
-            out[a: a + len(audio)] = audio
-    return peak_normalize(out)
+        for out, window in zip(outs, audio):
+            window = peak_normalize(window)[: n_samples - a]
+            m = min(fade, len(window)) if k else 0
+            fade_out, fade_in = equal_power(m)
+            out[a: a + m] = out[a: a + m] * fade_out + window[:m] * fade_in
+            out[a + m: a + len(window)] = window[m:]
+    return [peak_normalize(out) for out in outs]

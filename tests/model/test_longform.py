@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from models import get_backend, save_model
-from models.longform import Request, TooLongError, generate_long, seam_times, window_starts
+from models.longform import Request, TooLongError, generate_batch, generate_long, seam_times, window_starts
 from tests.conftest import synth_stems
 from v2m.cli import app
 from v2m.config import load_params
@@ -102,3 +102,15 @@ def test_cli_generate_past_the_limit_exits_1_naming_it(tmp_path: Path) -> None:
                                    "--params", str(tmp_path / "params.yaml")])
     assert res.exit_code == 1, res.output
     assert "generate.max_duration_s" in res.output and "Traceback" not in res.output
+
+
+def test_audioldm_batches_keep_each_requests_own_seed() -> None:
+    """The server batches requests of one duration; with AudioLDM each still gets what it would get alone."""
+    b = tiny("audioldm")
+    reqs = [Request(vocal(6.0), 22050, None, 6.0, seed=1), Request(None, 0, "rock", 6.0, seed=2),
+            Request(vocal(6.0), 22050, "pop", 6.0, seed=3)]
+    batch = generate_batch(b, reqs, CFG, steps=2)
+    alone = generate_long(b, reqs[1], CFG, steps=2)
+    assert [len(a) for a in batch] == [6 * b.sample_rate] * 3
+    assert np.abs(batch[1] - alone).max() < 1e-3
+    assert np.abs(batch[0] - batch[2]).max() > 0.1  # different requests, different audio
