@@ -31,7 +31,8 @@ bench: setup
 	$(BIN)/python bench/cached_inputs.py --backend audioldm
 	$(BIN)/python bench/eval_throughput.py
 	$(BIN)/python bench/retrain_rerun.py
-	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/serve.py --backend musicgen
+	$(BIN)/python bench/serve.py --backend audioldm
 
 setup: $(STAMP)
 

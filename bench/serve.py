@@ -1,10 +1,10 @@
-"""Requests/s and p50/p95 latency of `v2m serve` on the tiny MusicGen, with and without micro-batching.
+"""Requests/s and p50/p95 latency of `v2m serve` on a tiny model, with and without micro-batching.
 
 A real server process per setting (serve.max_batch 1, then 4), a tiny champion in a temp MLflow registry, and
 N text-and-vocal requests at concurrency C. The CPU numbers show the mechanism; the gain that matters is on a GPU,
 where a batch of 4 costs little more than one request.
 
-    python bench/serve.py [--requests 40] [--concurrency 4] [--duration 1.0]
+    python bench/serve.py [--backend musicgen|audioldm] [--requests 40] [--concurrency 4] [--duration 1.0]
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from tests.flows.serving_support import (register_tiny, set_champion, start_serv
 from v2m.s3server import free_port  # noqa: E402
 
 
-def run(root: Path, max_batch: int, n: int, concurrency: int, duration: float) -> dict[str, float]:
-    write_params(root, poll_s=0.0, max_batch=max_batch, batch_window_ms=30.0, max_pending=max(16, concurrency))
+def run(root: Path, backend: str, max_batch: int, n: int, concurrency: int, duration: float) -> dict[str, float]:
+    write_params(root, backend=backend, poll_s=0.0, max_batch=max_batch, batch_window_ms=30.0,
+                 max_pending=max(16, concurrency))
     port, log = free_port(), root / f"serve-{max_batch}.log"
     proc = start_server(root, port, log)
     buf = io.BytesIO()
@@ -62,13 +63,15 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--duration", type=float, default=1.0, help="seconds generated per request")
+    ap.add_argument("--backend", choices=["musicgen", "audioldm"], default="musicgen")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_params(root)
-        set_champion(root, register_tiny(root, seed=1))
-        rows = {b: run(root, b, args.requests, args.concurrency, args.duration) for b in (1, 4)}
-    print(f"{args.requests} requests of {args.duration:g} s at concurrency {args.concurrency} (tiny MusicGen, CPU)")
+        set_champion(root, register_tiny(root, seed=1, backend=args.backend), backend=args.backend)
+        rows = {b: run(root, args.backend, b, args.requests, args.concurrency, args.duration) for b in (1, 4)}
+    print(f"{args.requests} requests of {args.duration:g} s at concurrency {args.concurrency} "
+          f"(tiny {args.backend}, CPU)")
     print(f"{'max_batch':>9} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'failed':>6}")
     for b, r in rows.items():
         print(f"{b:>9} {r['rps']:>7.2f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['failed']:>6}")
