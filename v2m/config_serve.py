@@ -46,4 +46,4 @@ class ServeConfig(Strict):
     retry_after_s: int = Field(5, ge=1)
     timeout_s: float = Field(300.0, gt=0)  # per request, queueing included; past it 504
     batch_window_ms: float = Field(20.0, ge=0)  # requests arriving this close together run as one batch
-    max_batch: int = Field(4, ge=1)  # 1 = no batching (each seed then reproduces exactly)
+    max_batch: int = Field(4, ge=1)  # 1 = no batching (MusicGen seeds then reproduce exactly)
