@@ -39,15 +39,19 @@ class SeaweedS3:
     secret_key: str = "v2m-test-secret"
     s3_port: int = 0
     proc: subprocess.Popen | None = None
+    # More identities beside the admin one above: {"name", "accessKey", "secretKey", "actions"}, where an
+    # action may name a bucket ("Read:v2m-dvc") so a host role reaches only the buckets it needs.
+    identities: list[dict] = field(default_factory=list)
 
     @property
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.s3_port}"
 
-    def client(self):
+    def client(self, access_key: str = "", secret_key: str = ""):
+        """A boto3 client with the admin keys, or with the keys given."""
         import boto3
-        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key, region_name="us-east-1")
+        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=access_key or self.access_key,
+                            aws_secret_access_key=secret_key or self.secret_key, region_name="us-east-1")
 
     def env(self) -> dict[str, str]:
         """Environment for clients (DVC, MLflow, boto3) that read credentials from it."""
@@ -57,9 +61,13 @@ class SeaweedS3:
     def start(self, timeout_s: float = 60.0) -> "SeaweedS3":
         self.data_dir = Path(self.data_dir)
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
-        identities = {"identities": [{"name": "v2m", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                                      "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}]}
+        admin = {"name": "v2m", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                 "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}
+        others = [{"name": i["name"], "actions": i["actions"],
+                   "credentials": [{"accessKey": i["accessKey"], "secretKey": i["secretKey"]}]} for i in self.identities]
+        identities = {"identities": [admin, *others]}
         config = self.data_dir / "s3.json"
+        config.touch(mode=0o600)  # it holds secret keys
         config.write_text(json.dumps(identities))
         self.s3_port = self.s3_port or free_port()
         ports = {f"-{name}.port": free_port() for name in ("master", "volume", "filer", "admin")}
