@@ -376,6 +376,19 @@ def stack_up(state_dir: StackDir = Path(".v2m/stack"),
         typer.echo(f"export {k}={v}")
 
 
+@stack_app.command("init")
+def stack_init(gpus: Annotated[int | None, typer.Option(help="The `gpu` limit (default: params.yaml "
+                                                        "orchestration.gpu_hosts).")] = None,
+               params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Prepare servers that run elsewhere (docker-compose): buckets, MLflow users, pools, limits, blocks."""
+    from v2m.stack import init_from_environment
+    total = gpus if gpus is not None else \
+        (params_or_fail(params).orchestration.total_gpus if params.is_file() else 1)
+    with user_errors():
+        init_from_environment(total)
+    console.print(f"initialised: buckets, MLflow users cpu and gpu, pools cpu and gpu-a40, gpu limit {total}")
+
+
 @stack_app.command("worker")
 def stack_worker(pool: Annotated[str, typer.Option(help="Work pool: cpu or gpu-a40.")],
                  dir: Annotated[Path, typer.Option(help="The worker's own folder (another machine's disk).")],
