@@ -57,7 +57,7 @@ def retrain(project_dir: str = ".", backends: list[str] | None = None, musicgen_
         entry: dict[str, Any] = {"steps": steps, "champion": champion}
         if report and champion:
             if team:  # the report generates with the champion here: it needs the test chunks of this version
-                checkout(root, params, data["data_version"], [*model_inputs(backend), "data/segments"])
+                checkout(root, params, data["data_version"], model_inputs(backend))
             index, _, _ = compare_task(params, root, [f"{model_name(backend)}@{CHAMPION}", f"base:{backend}"])
             entry["report"] = str(index)
         out["backends"][backend] = entry

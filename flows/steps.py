@@ -42,8 +42,10 @@ def project_params(project_dir: str, presets: dict[str, str] | None = None) -> t
 
 
 def model_inputs(backend: str) -> list[str]:
-    """The DVC outputs a GPU step reads: its backend's cached model inputs (not the raw audio)."""
-    return [f"data/cache/{backend}"]
+    """What a GPU step reads from the DVC remote: its backend's cached model inputs and its backend's chunks
+    (the vocals it conditions samples and evaluations on), never the raw audio or the other backend's data.
+    DVC pulls these paths inside the stages' directory outputs file by file (granular targets)."""
+    return [f"data/cache/{backend}", f"data/segments/{backend}", f"data/segments/{backend}.jsonl"]
 
 
 @flow(name="finetune", persist_result=True)
@@ -64,8 +66,7 @@ def finetune_flow(backend: str, mode: str, project_dir: str = ".", presets: dict
 def evaluate_flow(model: str, project_dir: str = ".", presets: dict[str, str] | None = None,
                   data_version: str = "", backend: str = "") -> dict[str, Any]:
     root, params = project_params(project_dir, presets)
-    pulled = checkout(root, params, data_version, [*model_inputs(backend), "data/segments"]) \
-        if data_version else {"bytes": 0}
+    pulled = checkout(root, params, data_version, model_inputs(backend)) if data_version else {"bytes": 0}
     with gpu_slot() as gpu:
         res = evaluate_task(params, root, model)
     return {"run_id": res.run_id, "backend": res.backend, "gpu": gpu, "data_bytes_pulled": pulled["bytes"],

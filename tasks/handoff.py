@@ -86,7 +86,8 @@ def checkout(root: Path, params: Params, data_version: str, targets: list[str]) 
     configure_remote(root, cfg)
     with _repo(root) as repo:
         repo.pull(targets=targets, force=True)
-    size = sum(p.stat().st_size for t in targets for p in (root / t).rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for t in map(root.joinpath, targets)
+               for p in ([t] if t.is_file() else t.rglob("*")) if p.is_file())
     recorded = json.loads((root / ".v2m" / "data_version.json").read_text())["data_version"]
     if recorded != data_version:
         raise DataVersionError(f"s3://{bucket}/{prefix}/{data_version}/ holds data version {recorded}")

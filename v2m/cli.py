@@ -362,12 +362,15 @@ def stack_up(state_dir: StackDir = Path(".v2m/stack"),
                                                         "(`v2m stack worker`).")] = False,
              gpus: Annotated[int | None, typer.Option(help="The `gpu` limit: GPUs of all GPU hosts together "
                                                       "(default: params.yaml orchestration.gpu_hosts).")] = None,
+             host: Annotated[str, typer.Option(help="Address the servers bind; another machine's workers need "
+                                                    "this host's private address (they ask for credentials).")]
+             = "127.0.0.1",
              params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Start what is not running and print how to point clients at it."""
     from v2m.stack import Stack
     total = gpus if gpus is not None else \
         (params_or_fail(params).orchestration.total_gpus if params.is_file() else 1)
-    st = Stack(state_dir.resolve())
+    st = Stack(state_dir.resolve(), host=host)
     state = st.up(servers_only=servers_only, gpus=total)
     console.print(f"S3 {state['s3_url']}  MLflow {state['mlflow_url']}  Prefect {state['prefect_url']}")
     console.print(f"credentials: {st.state_dir / 'credentials.json'}; logs: {st.state_dir / 'logs'}")

@@ -42,10 +42,11 @@ class SeaweedS3:
     # More identities beside the admin one above: {"name", "accessKey", "secretKey", "actions"}, where an
     # action may name a bucket ("Read:v2m-dvc") so a host role reaches only the buckets it needs.
     identities: list[dict] = field(default_factory=list)
+    host: str = "127.0.0.1"  # the team stack's --host: a private address other machines reach
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+        return f"http://{self.host}:{self.s3_port}"
 
     def client(self, access_key: str = "", secret_key: str = ""):
         """A boto3 client with the admin keys, or with the keys given."""
@@ -72,7 +73,7 @@ class SeaweedS3:
         self.s3_port = self.s3_port or free_port()
         ports = {f"-{name}.port": free_port() for name in ("master", "volume", "filer", "admin")}
         cmd = [weed_binary(), f"-logdir={self.data_dir / 'logs'}", "mini", f"-dir={self.data_dir / 'store'}",
-               "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", f"-s3.config={config}",
+               f"-ip={self.host}", f"-ip.bind={self.host}", "-master.telemetry=false", f"-s3.config={config}",
                f"-s3.port={self.s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
                "-admin.ui=false",
                *(f"{k}={v}" for k, v in ports.items())]

@@ -132,7 +132,7 @@ class Stack:
                        "secretKey": creds["s3"][role]["secret_key"], "actions": _actions(buckets)}
                       for role, buckets in S3_ROLES.items()]
         s3 = SeaweedS3(self.state_dir / "seaweedfs", buckets=BUCKETS, access_key=admin["access_key"],
-                       secret_key=admin["secret_key"], identities=identities)
+                       secret_key=admin["secret_key"], identities=identities, host=self.host)
         try:
             s3.start(timeout_s)
         finally:
