@@ -14,23 +14,13 @@ import asyncio
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.flows.team_project import TEAM, publish_project, s3_keys
 from v2m.config import load_params
-from v2m.stack import Stack
-
-@pytest.fixture
-def stack(tmp_path: Path):
-    st = Stack(tmp_path / "stack")
-    st.up(servers_only=True, gpus=1)
-    yield st
-    st.down()
 
 
-def test_retrain_across_two_hosts_sharing_only_the_services_survives_a_lost_gpu_host(stack, tmp_path,
+def test_retrain_across_two_hosts_sharing_only_the_services_survives_a_lost_gpu_host(team_servers, tmp_path,
                                                                                    monkeypatch) -> None:
-    st = stack
+    st = team_servers(gpus=1)
     for k, v in st.client_env("cpu").items():
         monkeypatch.setenv(k, v)
     owner, bare = publish_project(st, tmp_path)

@@ -8,25 +8,14 @@ import asyncio
 import shutil
 from pathlib import Path
 
-import pytest
-
 from flows.steps import finetune_flow
-from v2m.stack import Stack
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def stack(tmp_path: Path):
-    st = Stack(tmp_path / "stack")
-    st.up(servers_only=True, gpus=2)
-    yield st
-    st.down()
-
-
-def test_two_fine_tunes_share_a_two_gpu_host_one_gpu_each_and_a_third_waits(stack, root: Path, tmp_path,
+def test_two_fine_tunes_share_a_two_gpu_host_one_gpu_each_and_a_third_waits(team_servers, root: Path, tmp_path,
                                                                              monkeypatch) -> None:
-    st = stack
+    st = team_servers(gpus=2)
     for k, v in st.client_env("cpu").items():
         monkeypatch.setenv(k, v)
     st.worker("gpu-a40", tmp_path / "gpu-host", gpu_ids=["0", "1"])
