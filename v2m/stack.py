@@ -83,6 +83,7 @@ class Stack:
             path.touch(mode=0o600)
             path.chmod(0o600)
             path.write_text(json.dumps(_new_credentials()))
+            (self.state_dir / "mlflow-auth.db").unlink(missing_ok=True)  # its users had the old passwords
         return json.loads(path.read_text())
 
     def client_env(self, role: str = "cpu") -> dict[str, str]:
