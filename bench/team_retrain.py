@@ -55,7 +55,10 @@ def team_run(work: Path) -> tuple[float, dict, Path]:
         moved = {b: {k: v for k, v in after[b].items() if before[b].get(k) != v} for b in after}
         report = {"out": out, "moved": moved, "pulled": {}}
         for r in runs:
-            res = r.state.result()
+            try:
+                res = r.state.result()
+            except Exception:  # a result that was not persisted (not a step's)
+                continue
             if isinstance(res, dict) and "data_bytes_pulled" in res:
                 report["pulled"][f"{r.name} ({'finetune' if 'losses' in res else 'evaluate'})"] = res["data_bytes_pulled"]
         return wall, report, owner
@@ -72,7 +75,9 @@ def embedded_run(owner: Path, work: Path) -> float:
                PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
     code = "from flows.retrain import retrain; retrain(project_dir='.')"
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], cwd=proj, env=env, check=True, capture_output=True)
+    res = subprocess.run([sys.executable, "-c", code], cwd=proj, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"embedded retrain failed:\n{res.stderr[-3000:]}")
     return time.perf_counter() - t
 
 
