@@ -385,7 +385,7 @@ def stack_init(gpus: Annotated[int | None, typer.Option(help="The `gpu` limit (d
                                                         "orchestration.gpu_hosts).")] = None,
                params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Prepare servers that run elsewhere (docker-compose): buckets, MLflow users, pools, limits, blocks."""
-    from v2m.stack import init_from_environment
+    from v2m.stack_init import init_from_environment
     total = gpus if gpus is not None else \
         (params_or_fail(params).orchestration.total_gpus if params.is_file() else 1)
     with user_errors():
