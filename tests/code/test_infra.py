@@ -60,7 +60,7 @@ def test_worker_image_installs_the_project_at_the_pinned_versions() -> None:
     import mlflow
     import prefect
     assert pins["prefect"] == prefect.__version__ and pins["mlflow"] == mlflow.__version__
-    assert pins["torch"] == "2.13.0" and "Flask-WTF" in pins  # the pyproject pin; basic-auth's dependency
+    assert pins["torch"] == "2.13.0" and "Flask-WTF" in pins  # the verified torch; basic-auth's dependency
 
 
 def render_kubernetes_job(tmp_path: Path) -> Path:
