@@ -38,7 +38,7 @@ def data_watch(project_dir: str = ".") -> dict[str, Any]:
     log.info("raw data changed (%s -> %s): retraining", (before or "none")[:12], now[:12])
     if team_mode(params):
         from prefect.deployments import run_deployment
-        run = run_deployment("retrain/retrain-manual", parameters={"project_dir": str(root)}, timeout=0)
+        run = run_deployment("retrain/retrain-manual", timeout=0)  # it runs in its own clone, on a cpu host
         started = str(run.id)
     else:
         from flows.retrain import retrain

@@ -14,6 +14,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from tasks.handoff import publish, pull_raw
+from tasks.orchestration import team_mode
 from tasks.data.versioning import (data_version_task, dataset_stats_task, push_task, record_version,
                                    reproduce_task, track_raw_task)
 from v2m.config import load_params
@@ -24,6 +26,9 @@ def prepare_data(project_dir: str = ".", push: bool = False) -> dict[str, Any]:
     root = Path(project_dir).resolve()
     params = load_params(root / "params.yaml")
     log = get_run_logger()
+    team = team_mode(params)
+    if team:  # another host: the raw data comes from the DVC remote at the revision this clone names
+        log.info("raw data: %d files pulled from the DVC remote", pull_raw(root, params))
 
     raw_changed = track_raw_task(root, params.data.raw_dir)
     ran = reproduce_task(root)
@@ -31,9 +36,11 @@ def prepare_data(project_dir: str = ".", push: bool = False) -> dict[str, Any]:
     version["stats"] = dataset_stats_task(root)
     version["stages_run"] = ran
     version["raw_changed"] = raw_changed
-    if push:
+    if push and not team:
         version["pushed_files"] = push_task(root, params.dvc)
     path = record_version(root, version)
+    if team:  # every output to the remote, and the files naming this version, for the steps on other hosts
+        version.update(publish(root, params, version["data_version"]))
 
     log.info("data version %s (git %s); stages run: %s", version["data_version"],
              version["git_revision"], ", ".join(ran) or "none")

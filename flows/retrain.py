@@ -17,7 +17,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.prepare_data import prepare_data
-from flows.steps import evaluate_flow, finetune_flow, project_params, promote_flow, run_step
+from flows.steps import evaluate_flow, finetune_flow, model_inputs, project_params, promote_flow, run_step
+from tasks.orchestration import team_mode
+from tasks.handoff import checkout
 from tasks.registry.registry import CHAMPION, alias_version, model_name
 from tasks.registry.report import compare_task
 
@@ -30,17 +32,20 @@ def retrain(project_dir: str = ".", backends: list[str] | None = None, musicgen_
     log = get_run_logger()
     modes = {"musicgen": musicgen_stages or params.retrain.musicgen_stages,
              "audioldm": audioldm_variants or params.retrain.audioldm_variants}
-    data = run_step(params, "prepare-data", prepare_data, project_dir=str(root), push=push_data)
+    team = team_mode(params)
+    data = run_step(params, "prepare-data", prepare_data, project_dir=str(root), push=push_data or team)
     log.info("data version %s", data["data_version"])
+    # Team mode: steps on other hosts check this version out of the DVC remote; embedded: the data is here.
+    version = {"data_version": data["data_version"]} if team else {}
 
     out: dict[str, Any] = {"data_version": data["data_version"], "backends": {}}
     for backend in backends or params.retrain.backends:
         steps = []
         for mode in modes[backend]:
             ft = run_step(params, "finetune", finetune_flow, backend=backend, mode=mode, project_dir=str(root),
-                          presets=presets, max_steps=max_steps)
+                          presets=presets, max_steps=max_steps, **version)
             ev = run_step(params, "evaluate", evaluate_flow, model=f"runs:/{ft['run_id']}", project_dir=str(root),
-                          presets=presets)
+                          presets=presets, backend=backend, **version)
             decision = run_step(params, "promote", promote_flow, backend=backend, run_id=ft["run_id"],
                                 eval_run_id=ev["run_id"], project_dir=str(root))
             log.info("%s %s: %s; v%s %s", backend, mode, "trained" if ft["trained"] else "cache hit",
@@ -51,6 +56,8 @@ def retrain(project_dir: str = ".", backends: list[str] | None = None, musicgen_
         champion = alias_version(backend, CHAMPION)
         entry: dict[str, Any] = {"steps": steps, "champion": champion}
         if report and champion:
+            if team:  # the report generates with the champion here: it needs the test chunks of this version
+                checkout(root, params, data["data_version"], model_inputs(backend))
             index, _, _ = compare_task(params, root, [f"{model_name(backend)}@{CHAMPION}", f"base:{backend}"])
             entry["report"] = str(index)
         out["backends"][backend] = entry

@@ -5,7 +5,11 @@
     promote   (cpu)       register the run as a version, then gate and compare-and-set the champion
 
 `run_step` calls a step in-process (embedded mode) or through run_deployment on its pool (team mode):
-the same code, chosen by configuration (params.yaml orchestration.mode or V2M_ORCHESTRATION).
+the same code, chosen by configuration (params.yaml orchestration.mode or V2M_ORCHESTRATION). In team mode
+a step shares nothing with its parent but the services: it runs in its own clone of the code, checks out
+the data version the parent passes from the DVC S3 remote (tasks/handoff.py), reads models from MLflow by
+run id or registry URI, and hands back its result through S3 result storage. A GPU step holds one GPU of
+its host (tasks.orchestration.gpu_slot).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any
 from prefect import flow
 
 from tasks.evaluation.evaluate import evaluate_task
+from tasks.handoff import checkout
+from tasks.orchestration import gpu_slot, team_mode
 from tasks.registry.promotion import promote_task, register_task
 from tasks.training.finetune import finetune_task
 from v2m.config import Params, load_params
@@ -30,25 +36,40 @@ def project_params(project_dir: str, presets: dict[str, str] | None = None) -> t
     for backend, preset in (presets or {}).items():
         params = params.model_copy(update={backend: getattr(params, backend).model_copy(update={"preset": preset})})
     setup_mlflow(params, root)
+    if team_mode(params):  # DVC stages run `v2m ...`: they must import this clone's code, not an installed copy
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
     return root, params
+
+
+def model_inputs(backend: str) -> list[str]:
+    """What a GPU step reads from the DVC remote: its backend's cached model inputs and its backend's chunks
+    (the vocals it conditions samples and evaluations on), never the raw audio or the other backend's data.
+    DVC pulls these paths inside the stages' directory outputs file by file (granular targets)."""
+    return [f"data/cache/{backend}", f"data/segments/{backend}", f"data/segments/{backend}.jsonl"]
 
 
 @flow(name="finetune", persist_result=True)
 def finetune_flow(backend: str, mode: str, project_dir: str = ".", presets: dict[str, str] | None = None,
-                  max_steps: int | None = None) -> dict[str, Any]:
+                  max_steps: int | None = None, data_version: str = "") -> dict[str, Any]:
+    """data_version: team mode, check that version out of the DVC remote first ("" = use the data here)."""
     root, params = project_params(project_dir, presets)
-    state = finetune_task(params, backend, mode, root, max_steps=max_steps, return_state=True)
+    pulled = checkout(root, params, data_version, model_inputs(backend)) if data_version else {"bytes": 0}
+    with gpu_slot() as gpu:
+        state = finetune_task(params, backend, mode, root, max_steps=max_steps, return_state=True)
     result = asdict(state.result())
     if state.name == "Cached":  # Prefect's cache: same data version and settings, nothing was trained
         result["trained"] = False
-    return result
+    return {**result, "gpu": gpu, "data_bytes_pulled": pulled["bytes"]}
 
 
 @flow(name="evaluate", persist_result=True)
-def evaluate_flow(model: str, project_dir: str = ".", presets: dict[str, str] | None = None) -> dict[str, Any]:
+def evaluate_flow(model: str, project_dir: str = ".", presets: dict[str, str] | None = None,
+                  data_version: str = "", backend: str = "") -> dict[str, Any]:
     root, params = project_params(project_dir, presets)
-    res = evaluate_task(params, root, model)
-    return {"run_id": res.run_id, "backend": res.backend,
+    pulled = checkout(root, params, data_version, model_inputs(backend)) if data_version else {"bytes": 0}
+    with gpu_slot() as gpu:
+        res = evaluate_task(params, root, model)
+    return {"run_id": res.run_id, "backend": res.backend, "gpu": gpu, "data_bytes_pulled": pulled["bytes"],
             "metrics": {k: v for k, v in res.metrics.items() if k.count("/") == 1}}
 
 
@@ -60,19 +81,23 @@ def promote_flow(backend: str, run_id: str, eval_run_id: str, project_dir: str =
     return decision.as_dict()
 
 
-def team_mode(params: Params) -> bool:
-    return (os.environ.get("V2M_ORCHESTRATION") or params.orchestration.mode) == "team"
-
-
 def run_step(params: Params, step: str, fn, **parameters: Any) -> Any:
-    """Run a step flow here, or as a deployment on its work pool (its result comes back persisted)."""
+    """Run a step flow here, or as a deployment on its work pool (its result comes back from S3).
+
+    Team mode: the step runs in its own clone on another host, so the parent's project_dir means nothing
+    there and is not passed. A flow run that crashed (its host or worker was lost) is started again, up to
+    orchestration.step_attempts times; the new run resumes from what the lost one left in S3 and MLflow."""
     if not team_mode(params):
         # The step's body, inside the parent flow run: its tasks (with their retries, caches and tags) become
         # the parent's, without the cost of a subflow run per step (about 1 s each).
         return fn.fn(**parameters)
     from prefect.deployments import run_deployment
-    flow_run = run_deployment(params.orchestration.deployments[step], parameters=parameters, timeout=None)
-    if not flow_run.state.is_completed():
-        raise RuntimeError(f"deployment {params.orchestration.deployments[step]} ended {flow_run.state.name}: "
-                           f"{flow_run.state.message}")
-    return flow_run.state.result()
+    name = params.orchestration.deployments[step]
+    parameters = {k: v for k, v in parameters.items() if k != "project_dir"}
+    for attempt in range(1, params.orchestration.step_attempts + 1):
+        flow_run = run_deployment(name, parameters=parameters, timeout=None)
+        if flow_run.state.is_completed():
+            return flow_run.state.result()
+        if not flow_run.state.is_crashed() or attempt == params.orchestration.step_attempts:
+            break
+    raise RuntimeError(f"deployment {name} ended {flow_run.state.name}: {flow_run.state.message}")

@@ -1,3 +1,4 @@
--- One Postgres, two databases: MLflow's and Prefect's.
+-- One Postgres, three databases: MLflow's runs and registry, MLflow's users (basic-auth app), Prefect's.
 CREATE DATABASE mlflow;
+CREATE DATABASE mlflow_auth;
 CREATE DATABASE prefect;

@@ -6,13 +6,25 @@ config, bad data, a bug) are not: retrying them only delays the error the user h
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
-from typing import Any
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 from v2m.errors import UserError
 
 NON_TRANSIENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def team_mode(params) -> bool:
+    """Steps as deployments on the work pools (team) or in this process (embedded): params.yaml
+    orchestration.mode, overridden by the environment variable V2M_ORCHESTRATION."""
+    return (os.environ.get("V2M_ORCHESTRATION") or params.orchestration.mode) == "team"
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -43,3 +55,37 @@ def retry_transient(task, task_run, state) -> bool:
 
 def params_hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def gpu_slot(poll_s: float = 1.0) -> Iterator[str | None]:
+    """One GPU of this host for this process: the first id of V2M_GPU_IDS (set by `v2m stack worker --gpus`)
+    that no other job holds, exported as CUDA_VISIBLE_DEVICES before anything touches CUDA. The hold is an
+    flock on a file per id under V2M_GPU_LOCK_DIR: the kernel frees it when the job exits or is killed, so a
+    lost job never keeps its GPU. Without V2M_GPU_IDS the environment is left as it is (None)."""
+    ids = [i.strip() for i in os.environ.get("V2M_GPU_IDS", "").split(",") if i.strip()]
+    if not ids:
+        yield os.environ.get("CUDA_VISIBLE_DEVICES")
+        return
+    lock_dir = Path(os.environ.get("V2M_GPU_LOCK_DIR") or tempfile.gettempdir())
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        for gpu in ids:
+            handle = open(lock_dir / f"gpu-{gpu}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            previous = os.environ.get("CUDA_VISIBLE_DEVICES")
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+            try:
+                yield gpu
+            finally:
+                if previous is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = previous
+                handle.close()  # releases the flock
+            return
+        time.sleep(poll_s)

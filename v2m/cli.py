@@ -373,17 +373,68 @@ StackDir = Annotated[Path, typer.Option(help="Where the stack keeps all of its s
 
 
 @stack_app.command("up")
-def stack_up(state_dir: StackDir = Path(".v2m/stack")) -> None:
+def stack_up(state_dir: StackDir = Path(".v2m/stack"),
+             servers_only: Annotated[bool, typer.Option(help="Start the servers alone; workers run elsewhere "
+                                                        "(`v2m stack worker`).")] = False,
+             gpus: Annotated[int | None, typer.Option(help="The `gpu` limit: GPUs of all GPU hosts together "
+                                                      "(default: params.yaml orchestration.gpu_hosts).")] = None,
+             host: Annotated[str, typer.Option(help="Address the servers bind; another machine's workers need "
+                                                    "this host's private address (they ask for credentials).")]
+             = "127.0.0.1",
+             params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Start what is not running and print how to point clients at it."""
     from v2m.stack import Stack
-    st = Stack(state_dir.resolve())
-    state = st.up()
+    total = gpus if gpus is not None else \
+        (params_or_fail(params).orchestration.total_gpus if params.is_file() else 1)
+    st = Stack(state_dir.resolve(), host=host)
+    state = st.up(servers_only=servers_only, gpus=total)
     console.print(f"S3 {state['s3_url']}  MLflow {state['mlflow_url']}  Prefect {state['prefect_url']}")
     console.print(f"credentials: {st.state_dir / 'credentials.json'}; logs: {st.state_dir / 'logs'}")
-    console.print("team mode: export the variables below, then `prefect deploy --all` with "
-                  "V2M_PROJECT_DIR=$PWD, and V2M_ORCHESTRATION=team")
-    for k, v in st.client_env().items():  # secrets are printed to the terminal only, never logged
+    console.print("team mode: export the variables below (the cpu role's), then `v2m stack deploy`")
+    for k, v in st.client_env("cpu").items():  # secrets are printed to the terminal only, never logged
         typer.echo(f"export {k}={v}")
+
+
+@stack_app.command("init")
+def stack_init(gpus: Annotated[int | None, typer.Option(help="The `gpu` limit (default: params.yaml "
+                                                        "orchestration.gpu_hosts).")] = None,
+               params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Prepare servers that run elsewhere (docker-compose): buckets, MLflow users, pools, limits, blocks."""
+    from v2m.stack_init import init_from_environment
+    total = gpus if gpus is not None else \
+        (params_or_fail(params).orchestration.total_gpus if params.is_file() else 1)
+    with user_errors():
+        init_from_environment(total)
+    console.print(f"initialised: buckets, MLflow users cpu and gpu, pools cpu and gpu-a40, gpu limit {total}")
+
+
+@stack_app.command("worker")
+def stack_worker(pool: Annotated[str, typer.Option(help="Work pool: cpu or gpu-a40.")],
+                 dir: Annotated[Path, typer.Option(help="The worker's own folder (another machine's disk).")],
+                 gpus: Annotated[str, typer.Option(help="GPU ids of this host, comma-separated (0,1): one job "
+                                                   "per GPU.")] = "",
+                 state_dir: StackDir = Path(".v2m/stack")) -> None:
+    """Start a worker that acts as another machine: an empty folder, the service URLs and its role's keys."""
+    from v2m.stack import Stack
+    st = Stack(state_dir.resolve())
+    if not st.state():
+        console.print("the stack is not running (v2m stack up --servers-only)")
+        raise typer.Exit(1)
+    with user_errors():
+        name = st.worker(pool, dir, [g.strip() for g in gpus.split(",") if g.strip()])
+    console.print(f"{name} started in {dir.resolve()}; log {st.state_dir / 'logs' / (name + '.log')}")
+
+
+@stack_app.command("deploy")
+def stack_deploy(state_dir: StackDir = Path(".v2m/stack"), params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """`prefect deploy --all` with the code source from params.yaml orchestration.code (git URL and branch or
+    commit): each flow run clones the code at that revision; nothing else is shared but the services."""
+    from flows.deploy import deploy_all
+    from v2m.stack import Stack
+    st = Stack(state_dir.resolve())
+    with user_errors():
+        names = deploy_all(params_or_fail(params), Path.cwd(), st.client_env("cpu"))
+    console.print(f"deployed: {', '.join(names)}")
 
 
 @stack_app.command("status")

@@ -192,6 +192,19 @@ class RetrainConfig(Strict):
     audioldm_variants: list[Literal["voice", "voice_text", "refined"]] = ["voice", "voice_text", "refined"]
 
 
+class CodeSource(Strict):
+    """Where a team-mode flow run gets the code: a git repository at a branch or a pinned commit."""
+    repository: str = ""  # git URL (or a path to a bare repository); "" = deployments run from their folder
+    branch: str = "main"
+    commit: str = ""  # "" = the branch's head when the run starts
+
+    @model_validator(mode="after")
+    def _check(self) -> "CodeSource":
+        if self.commit and not all(c in "0123456789abcdef" for c in self.commit.lower()):
+            raise ValueError(f"commit must be a hexadecimal git commit id (got {self.commit!r})")
+        return self
+
+
 class OrchestrationConfig(Strict):
     """embedded: every step runs in this process (Prefect's temporary server). team: the parent flow hands
     fine-tuning and evaluation to deployments on the gpu-a40 pool and data/registry steps to the cpu pool
@@ -199,6 +212,20 @@ class OrchestrationConfig(Strict):
     mode: Literal["embedded", "team"] = "embedded"
     deployments: dict[str, str] = {"prepare-data": "prepare-data/prepare-data", "finetune": "finetune/finetune",
                                    "evaluate": "evaluate/evaluate", "promote": "promote/promote"}
+    gpu_hosts: dict[str, int] = {"local": 1}  # GPU host -> its GPU count; their sum is the `gpu` limit
+    code: CodeSource = CodeSource()
+    step_attempts: int = Field(2, ge=1)  # a step whose flow run crashed (its host was lost) is started again
+
+    @model_validator(mode="after")
+    def _check(self) -> "OrchestrationConfig":
+        bad = {h: n for h, n in self.gpu_hosts.items() if n < 1}
+        if bad or not self.gpu_hosts:
+            raise ValueError(f"gpu_hosts must map each GPU host to a GPU count >= 1 (got {self.gpu_hosts})")
+        return self
+
+    @property
+    def total_gpus(self) -> int:
+        return sum(self.gpu_hosts.values())
 
 
 class Params(Strict):

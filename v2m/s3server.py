@@ -39,15 +39,20 @@ class SeaweedS3:
     secret_key: str = "v2m-test-secret"
     s3_port: int = 0
     proc: subprocess.Popen | None = None
+    # More identities beside the admin one above: {"name", "accessKey", "secretKey", "actions"}, where an
+    # action may name a bucket ("Read:v2m-dvc") so a host role reaches only the buckets it needs.
+    identities: list[dict] = field(default_factory=list)
+    host: str = "127.0.0.1"  # the team stack's --host: a private address other machines reach
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+        return f"http://{self.host}:{self.s3_port}"
 
-    def client(self):
+    def client(self, access_key: str = "", secret_key: str = ""):
+        """A boto3 client with the admin keys, or with the keys given."""
         import boto3
-        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key, region_name="us-east-1")
+        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=access_key or self.access_key,
+                            aws_secret_access_key=secret_key or self.secret_key, region_name="us-east-1")
 
     def env(self) -> dict[str, str]:
         """Environment for clients (DVC, MLflow, boto3) that read credentials from it."""
@@ -57,14 +62,18 @@ class SeaweedS3:
     def start(self, timeout_s: float = 60.0) -> "SeaweedS3":
         self.data_dir = Path(self.data_dir)
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
-        identities = {"identities": [{"name": "v2m", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                                      "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}]}
+        admin = {"name": "v2m", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                 "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}
+        others = [{"name": i["name"], "actions": i["actions"],
+                   "credentials": [{"accessKey": i["accessKey"], "secretKey": i["secretKey"]}]} for i in self.identities]
+        identities = {"identities": [admin, *others]}
         config = self.data_dir / "s3.json"
+        config.touch(mode=0o600)  # it holds secret keys
         config.write_text(json.dumps(identities))
         self.s3_port = self.s3_port or free_port()
         ports = {f"-{name}.port": free_port() for name in ("master", "volume", "filer", "admin")}
         cmd = [weed_binary(), f"-logdir={self.data_dir / 'logs'}", "mini", f"-dir={self.data_dir / 'store'}",
-               "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", f"-s3.config={config}",
+               f"-ip={self.host}", f"-ip.bind={self.host}", "-master.telemetry=false", f"-s3.config={config}",
                f"-s3.port={self.s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
                "-admin.ui=false",
                *(f"{k}={v}" for k, v in ports.items())]

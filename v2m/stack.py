@@ -1,13 +1,14 @@
-"""The team stack without Docker: SeaweedFS (S3), an MLflow server, a Prefect server and one process worker
-per work pool, all on loopback, all state under one folder (default .v2m/stack/).
+"""The team stack without Docker: SeaweedFS (S3), an MLflow server, a Prefect server and process workers,
+all on loopback, all state under one folder (default .v2m/stack/).
 
-    v2m stack up      start what is not running; print the URLs and the environment to use them
-    v2m stack status  which parts answer
-    v2m stack down    workers first (they ignore the first signal when idle), then the servers
+    v2m stack up [--servers-only]            the servers (and a cpu + a gpu-a40 worker, unless servers-only)
+    v2m stack worker --pool P --dir D [--gpus 0,1]   a worker in an empty folder that acts as another machine
+    v2m stack status / down                  which parts answer / workers first, then the servers
 
-Credentials for the S3 server are generated at the first `up`, kept in <state>/credentials.json (mode 600)
-and handed to the processes through their environment; nothing logs them. infra/ holds the production
-equivalents (docker-compose, the GPU worker image, the Kubernetes work-pool template).
+Every service asks for credentials: MLflow through its basic-auth app (a user per host role), Prefect through
+its API auth string, S3 through keys per host role (cpu, gpu, mlflow) that reach only that role's buckets.
+All of them are generated at the first `up` into <state>/credentials.json (mode 600) and handed to processes
+through their environment; nothing logs them. infra/ holds the production equivalents.
 """
 
 from __future__ import annotations
@@ -25,9 +26,33 @@ from pathlib import Path
 from typing import Any
 
 from v2m.s3server import SeaweedS3, free_port
+from v2m.stack_init import BUCKETS, HEARTBEAT_S, QUIET, RESULTS_BLOCK, init_services
 
 POOLS = {"cpu": "process", "gpu-a40": "process"}  # here both pools run as local process workers
-BUCKETS = ["v2m-mlflow", "v2m-dvc", "v2m-checkpoints"]
+# S3 keys per host role, each reaching only the buckets that role needs ("r" read, "rw" read and write).
+# The MLflow server alone holds the artifact bucket: clients reach artifacts through it (proxied).
+S3_ROLES = {"mlflow": {"v2m-mlflow": "rw"},
+            "cpu": {"v2m-dvc": "rw", "v2m-results": "rw"},
+            "gpu": {"v2m-dvc": "r", "v2m-checkpoints": "rw", "v2m-results": "rw"}}
+POOL_ROLE = {"cpu": "cpu", "gpu-a40": "gpu"}
+# What a worker must not inherit from the shell that started it: it acts as another machine.
+NOT_INHERITED = ("PYTHONPATH", "MLFLOW_", "PREFECT_", "AWS_", "V2M_", "CUDA_VISIBLE_DEVICES")
+
+
+def _actions(buckets: dict[str, str]) -> list[str]:
+    acts = []
+    for bucket, mode in buckets.items():
+        acts += [f"Read:{bucket}", f"List:{bucket}"] + ([f"Write:{bucket}", f"Tagging:{bucket}"] if "w" in mode else [])
+    return acts
+
+
+def _new_credentials() -> dict[str, Any]:
+    def key() -> dict[str, str]:
+        return {"access_key": "v2m" + secrets.token_hex(8), "secret_key": secrets.token_hex(24)}
+    return {"s3": {role: key() for role in ("admin", *S3_ROLES)},
+            "mlflow": {user: secrets.token_urlsafe(18) for user in ("admin", "cpu", "gpu")},
+            "prefect_auth": "v2m:" + secrets.token_urlsafe(24),
+            "mlflow_flask_secret": secrets.token_hex(32)}  # signs the basic-auth app's CSRF tokens
 
 
 @dataclass
@@ -46,94 +71,147 @@ class Stack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_file.write_text(json.dumps(state, indent=2, sort_keys=True))
 
-    def credentials(self) -> dict[str, str]:
+    def credentials(self) -> dict[str, Any]:
+        """Every secret of the stack, generated at the first `up`, in one file only its owner can read."""
         path = self.state_dir / "credentials.json"
-        if not path.is_file():
+        if not path.is_file() or "prefect_auth" not in json.loads(path.read_text()):  # none, or a pre-auth one
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            creds = {"access_key": "v2m-" + secrets.token_hex(8), "secret_key": secrets.token_hex(24)}
-            path.write_text(json.dumps(creds))
+            path.touch(mode=0o600)
             path.chmod(0o600)
+            path.write_text(json.dumps(_new_credentials()))
+            (self.state_dir / "mlflow-auth.db").unlink(missing_ok=True)  # its users had the old passwords
         return json.loads(path.read_text())
 
-    def client_env(self) -> dict[str, str]:
-        """The environment a client (CLI, worker, flow run) needs to use the stack."""
+    def client_env(self, role: str = "cpu") -> dict[str, str]:
+        """The environment a client of host role `cpu` or `gpu` (CLI, worker, flow run) needs to use the stack:
+        the service URLs and that role's credentials (`admin` gets the operator's S3 and MLflow keys)."""
         st, creds = self.state(), self.credentials()
         if not st:
             return {}
-        return {"MLFLOW_TRACKING_URI": st["mlflow_url"], "PREFECT_API_URL": st["prefect_url"] + "/api",
-                "AWS_ACCESS_KEY_ID": creds["access_key"], "AWS_SECRET_ACCESS_KEY": creds["secret_key"],
-                "AWS_ENDPOINT_URL": st["s3_url"], "MLFLOW_S3_ENDPOINT_URL": st["s3_url"],
-                "AWS_DEFAULT_REGION": "us-east-1", "V2M_STACK": str(self.state_dir)}
+        s3 = creds["s3"][role]
+        user = role if role in creds["mlflow"] else "admin"
+        return {"MLFLOW_TRACKING_URI": st["mlflow_url"], "MLFLOW_TRACKING_USERNAME": user,
+                "MLFLOW_TRACKING_PASSWORD": creds["mlflow"][user],
+                "PREFECT_API_URL": st["prefect_url"] + "/api", "PREFECT_API_AUTH_STRING": creds["prefect_auth"],
+                "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": RESULTS_BLOCK, "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+                "AWS_ACCESS_KEY_ID": s3["access_key"], "AWS_SECRET_ACCESS_KEY": s3["secret_key"],
+                "AWS_ENDPOINT_URL": st["s3_url"], "AWS_DEFAULT_REGION": "us-east-1",
+                "V2M_ORCHESTRATION": "team", "V2M_STACK": str(self.state_dir)}
 
     # --- up ---------------------------------------------------------------------------------------------
-    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> int:
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> int:
         log = open(self.state_dir / "logs" / f"{name}.log", "ab")
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_URI", "PREFECT_API_URL"))}
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**base, **env},
-                                start_new_session=True, cwd=self.state_dir)
+        base = {k: v for k, v in os.environ.items() if not k.startswith(NOT_INHERITED)}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**base, **QUIET, **env},
+                                start_new_session=True, cwd=cwd or self.state_dir)
         return proc.pid
 
-    def up(self, timeout_s: float = 120.0) -> dict[str, Any]:
+    def up(self, timeout_s: float = 120.0, servers_only: bool = False, gpus: int = 1) -> dict[str, Any]:
+        """Start the servers (and, unless servers_only, a cpu and a gpu-a40 worker, each in its own empty
+        folder under hosts/). `gpus` is the global `gpu` limit: the GPUs of every GPU host together."""
         st = self.state()
         if st and all(self.health().values()):
             return st
         if st:
             self.down()
+        try:
+            return self._up(timeout_s, servers_only, gpus)
+        except BaseException:
+            self.down()  # nothing half-started stays behind
+            raise
+
+    def _up(self, timeout_s: float, servers_only: bool, gpus: int) -> dict[str, Any]:
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         creds = self.credentials()
         bindir = Path(sys.executable).parent
-        quiet = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-
-        s3 = SeaweedS3(self.state_dir / "seaweedfs", buckets=BUCKETS, access_key=creds["access_key"],
-                       secret_key=creds["secret_key"]).start(timeout_s)
-        st = {"s3_url": s3.endpoint_url, "pids": {"seaweedfs": s3.proc.pid}}
-        s3.proc = None  # detached: `down` stops it by pid
-        s3_env = {**quiet, "AWS_ACCESS_KEY_ID": creds["access_key"], "AWS_SECRET_ACCESS_KEY": creds["secret_key"],
-                  "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url, "AWS_ENDPOINT_URL": s3.endpoint_url,
-                  "AWS_DEFAULT_REGION": "us-east-1"}
+        admin = creds["s3"]["admin"]
+        identities = [{"name": role, "accessKey": creds["s3"][role]["access_key"],
+                       "secretKey": creds["s3"][role]["secret_key"], "actions": _actions(buckets)}
+                      for role, buckets in S3_ROLES.items()]
+        s3 = SeaweedS3(self.state_dir / "seaweedfs", buckets=BUCKETS, access_key=admin["access_key"],
+                       secret_key=admin["secret_key"], identities=identities, host=self.host)
+        try:
+            s3.start(timeout_s)
+        finally:
+            if s3.proc:  # detached: `down` stops it by pid
+                self._save({"s3_url": s3.endpoint_url, "pids": {"seaweedfs": s3.proc.pid}})
+        st = self.state()
+        s3.proc = None
+        mlflow_s3 = creds["s3"]["mlflow"]
 
         mlflow_port, prefect_port = free_port(), free_port()
+        auth_ini = self.state_dir / "mlflow-auth.ini"  # no secret in it: the admin password comes by environment
+        auth_ini.write_text("[mlflow]\ndefault_permission = EDIT\n"
+                            f"database_uri = sqlite:///{self.state_dir / 'mlflow-auth.db'}\nadmin_username = admin\n")
         st["pids"]["mlflow"] = self._spawn("mlflow", [
-            str(bindir / "mlflow"), "server", "--host", self.host, "--port", str(mlflow_port),
-            "--backend-store-uri", f"sqlite:///{self.state_dir / 'mlflow.db'}",
-            "--artifacts-destination", "s3://v2m-mlflow/artifacts", "--workers", "1"], s3_env)
+            str(bindir / "mlflow"), "server", "--app-name", "basic-auth", "--host", self.host,
+            "--port", str(mlflow_port), "--backend-store-uri", f"sqlite:///{self.state_dir / 'mlflow.db'}",
+            "--artifacts-destination", "s3://v2m-mlflow/artifacts", "--workers", "1"],
+            {"AWS_ACCESS_KEY_ID": mlflow_s3["access_key"], "AWS_SECRET_ACCESS_KEY": mlflow_s3["secret_key"],
+             "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1",
+             "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "MLFLOW_AUTH_ADMIN_PASSWORD": creds["mlflow"]["admin"],
+             "MLFLOW_FLASK_SERVER_SECRET_KEY": creds["mlflow_flask_secret"]})
         st["mlflow_url"] = f"http://{self.host}:{mlflow_port}"
-        prefect_home = self.state_dir / "prefect"
         st["pids"]["prefect"] = self._spawn("prefect", [
             str(bindir / "prefect"), "server", "start", "--host", self.host, "--port", str(prefect_port),
-            "--no-ui"], {**quiet, "PREFECT_HOME": str(prefect_home)})
+            "--no-ui"], {"PREFECT_HOME": str(self.state_dir / "prefect"),
+                         "PREFECT_SERVER_API_AUTH_STRING": creds["prefect_auth"]})
         st["prefect_url"] = f"http://{self.host}:{prefect_port}"
         self._save(st)
-        self._wait(lambda: all(v for k, v in self.health().items() if k in ("mlflow", "prefect", "s3")), timeout_s)
+        self._wait(lambda: all(v for k, v in self.health().items() if k in ("mlflow", "prefect", "s3")), timeout_s,
+                   [st["pids"][n] for n in ("mlflow", "prefect")])
+        init_services({**os.environ, **self.client_env("cpu")}, st["s3_url"], gpus, creds["mlflow"])
+        if not servers_only:
+            for pool in POOLS:
+                self.worker(pool, self.state_dir / "hosts" / pool)
+        return self.state()
 
-        worker_env = {**s3_env, "PREFECT_API_URL": st["prefect_url"] + "/api", "MLFLOW_TRACKING_URI": st["mlflow_url"],
-                      "PREFECT_HOME": str(prefect_home), "V2M_STACK": str(self.state_dir),
-                      "PREFECT_LOCAL_STORAGE_PATH": str(self.state_dir / "results")}
-        self._setup_pools(bindir, worker_env)
-        for pool, kind in POOLS.items():
-            st["pids"][f"worker-{pool}"] = self._spawn(f"worker-{pool}", [
-                str(bindir / "prefect"), "worker", "start", "--pool", pool, "--type", kind,
-                "--name", f"v2m-{pool}", "--install-policy", "never"], worker_env)
+    # --- workers: each one a separate "machine" -----------------------------------------------------------
+    def worker(self, pool: str, directory: Path, gpu_ids: list[str] | None = None, name: str = "") -> str:
+        """Start a process worker for `pool` in `directory` (created empty if missing) with only the service
+        URLs and its role's credentials: no project files, no PYTHONPATH; flow runs clone the code themselves.
+        A GPU host with gpu_ids runs up to len(gpu_ids) jobs at once, each pinned to one id (tasks.orchestration
+        .gpu_slot). Returns the worker's name in the state file."""
+        if pool not in POOL_ROLE:
+            raise ValueError(f"unknown work pool {pool!r}; choose one of {', '.join(POOL_ROLE)}")
+        directory = Path(directory).resolve()
+        (directory / "tmp").mkdir(parents=True, exist_ok=True)
+        name = name or f"worker-{pool}-{directory.name}"
+        env = {**self.client_env(POOL_ROLE[pool]), "PREFECT_HOME": str(directory / ".prefect"),
+               "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+               "TMPDIR": str(directory / "tmp"), "V2M_GPU_LOCK_DIR": str(directory / ".gpu-locks")}
+        limit: list[str] = []
+        if pool != "cpu":  # the cpu pool has no limit: the parent flow waits there for its cpu steps
+            env["V2M_GPU_IDS"] = ",".join(gpu_ids or [])
+            limit = ["--limit", str(max(1, len(gpu_ids or [])))]
+        bindir = Path(sys.executable).parent
+        pid = self._spawn(name, [str(bindir / "prefect"), "worker", "start", "--pool", pool, "--type", POOLS[pool],
+                                 "--name", name, "--install-policy", "never", *limit], env, cwd=directory)
+        st = self.state()
+        st["pids"][name] = pid
         self._save(st)
-        return st
+        return name
 
-    def _setup_pools(self, bindir: Path, env: dict[str, str]) -> None:
-        """Work pools with their templates, and the `gpu` tag limit: one GPU job at a time (one GPU here)."""
-        prefect = str(bindir / "prefect")
-        template = Path(__file__).resolve().parents[1] / "infra" / "work-pools" / "gpu-a40-process.json"
-        for cmd in ([prefect, "work-pool", "create", "gpu-a40", "--type", "process", "--base-job-template",
-                     str(template), "--overwrite"],
-                    [prefect, "work-pool", "create", "cpu", "--type", "process", "--overwrite"],
-                    [prefect, "concurrency-limit", "create", "gpu", "1"]):
-            res = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
-            if res.returncode != 0 and "already exists" not in res.stdout + res.stderr:
-                raise RuntimeError(f"{' '.join(cmd[1:4])} failed: {res.stdout[-500:]}{res.stderr[-500:]}")
+    def stop(self, name: str, kill: bool = False) -> bool:
+        """Stop one part by its name in the state file; kill=True is a machine lost: SIGKILL, no cleanup."""
+        st = self.state()
+        pid = st.get("pids", {}).pop(name, 0)
+        self._save(st)
+        if kill and pid and _alive(pid):
+            for victim in [pid, *_descendants(pid)]:  # flow runs too, even in their own process groups
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return True
+        return _stop(pid)
 
     @staticmethod
-    def _wait(ok, timeout_s: float) -> None:
+    def _wait(ok, timeout_s: float, pids: list[int] = ()) -> None:
         deadline = time.monotonic() + timeout_s
         while not ok():
+            if not all(_alive(p) for p in pids):
+                raise RuntimeError("a server of the stack exited while starting; see its log under logs/")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the stack did not become healthy within {timeout_s} s; see its logs")
             time.sleep(0.5)
@@ -148,8 +226,8 @@ class Stack:
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
                     return r.status < 500
-            except Exception as exc:  # HTTPError 403 from S3 still means it answers
-                return getattr(exc, "code", 0) in (400, 403)
+            except Exception as exc:  # 401/403 (credentials required) still means it answers
+                return getattr(exc, "code", 0) in (400, 401, 403)
 
         out = {"s3": answers(st["s3_url"]), "mlflow": answers(st["mlflow_url"] + "/health"),
                "prefect": answers(st["prefect_url"] + "/api/health")}
@@ -168,6 +246,22 @@ class Stack:
         if self.state_file.is_file():
             self.state_file.unlink()
         return stopped
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    out, frontier = [], [pid]
+    while frontier:
+        children = [c for c, p in parents.items() if p in frontier]
+        out += children
+        frontier = children
+    return out
 
 
 def _alive(pid: int) -> bool:

@@ -137,8 +137,12 @@ def module_closure(*files: str | Path, exclude: tuple[str, ...] = ()) -> list[Pa
 def code_version(*files: str | Path) -> str:
     """Hash of the source files a stage runs (pass module_closure(...)), so editing the code invalidates its cache."""
     h = hashlib.sha256()
+    project = Path(__file__).resolve().parents[2]
     for f in sorted(map(Path, files)):
-        h.update(f.as_posix().encode())  # renaming or moving a file is a change too
+        # renaming or moving a file is a change too; where the checkout lives is not (a clone on another host
+        # must find the same run key, and with it the run's checkpoints)
+        name = f.resolve().relative_to(project) if f.resolve().is_relative_to(project) else f
+        h.update(name.as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 

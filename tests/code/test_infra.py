@@ -1,59 +1,110 @@
-"""infra/ holds what production runs (no Docker or Kubernetes here): it must parse and have the keys
-the deployment relies on. prefect.yaml's deployments must point at flows that exist."""
+"""infra/ holds what production runs (no Docker daemon or Kubernetes here). The files are checked against the
+formats' own schemas (compose spec, Kubernetes OpenAPI), the topology against what team mode relies on, and
+the job templates by rendering them the way the workers do. prefect.yaml must point at flows that exist."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 
 
-def test_compose_defines_the_team_stack_bound_to_loopback_without_secrets() -> None:
-    compose = yaml.safe_load((ROOT / "infra" / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert {"postgres", "s3", "mlflow", "prefect", "worker-cpu", "worker-gpu-a40"} <= set(services)
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "infra" / "docker-compose.yml").read_text())
+
+
+def test_compose_file_is_valid_against_the_compose_spec() -> None:
+    res = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
+                          str(ROOT / "infra" / "docker-compose.yml")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_compose_services_ask_for_credentials_from_the_environment_and_workers_share_no_volume() -> None:
+    services = compose()["services"]
+    assert {"postgres", "s3", "mlflow", "prefect", "init", "worker-cpu", "worker-gpu-a40"} <= set(services)
     for name, svc in services.items():
         for port in svc.get("ports", []):
             assert port.startswith("127.0.0.1:"), (name, port)
-    assert "postgresql://" in " ".join(services["mlflow"]["command"].split())
-    assert "--artifacts-destination s3://" in " ".join(services["mlflow"]["command"].split())
+    mlflow = " ".join(" ".join(services["mlflow"]["command"]).split())
+    assert "--app-name basic-auth" in mlflow and "--artifacts-destination s3://" in mlflow
+    assert services["prefect"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING:?")
+    s3 = " ".join(services["s3"]["command"])
+    assert all(f'"name":"{role}"' in s3 for role in ("admin", "mlflow", "cpu", "gpu"))
+    for name in ("worker-cpu", "worker-gpu-a40"):
+        svc = services[name]
+        assert "volumes" not in svc, name  # nothing shared: code by git, data by DVC/S3, models by MLflow
+        env = svc["environment"]
+        assert env["PREFECT_API_URL"] == "http://prefect:4200/api" and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        assert env["AWS_ENDPOINT_URL"] == "http://s3:8333"  # services by name
+        for key in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING"):
+            assert env[key].startswith("${") and ":?" in env[key], (name, key)  # required, from the environment
+    assert services["worker-cpu"]["environment"]["AWS_ACCESS_KEY_ID"] != \
+        services["worker-gpu-a40"]["environment"]["AWS_ACCESS_KEY_ID"]  # a key per host role
     gpu = services["worker-gpu-a40"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-    text = (ROOT / "infra" / "docker-compose.yml").read_text()
-    assert "${AWS_SECRET_ACCESS_KEY" in text and "${POSTGRES_PASSWORD" in text  # from the environment only
 
 
-def test_gpu_worker_image_installs_the_project_with_its_ml_extra() -> None:
+def test_worker_image_installs_the_project_at_the_pinned_versions() -> None:
     lines = (ROOT / "infra" / "worker-gpu.Dockerfile").read_text().splitlines()
-    assert lines[[i for i, l in enumerate(lines) if l.startswith("FROM")][0]].split()[1].startswith("pytorch/pytorch:")
-    assert any('pip install ".[ml' in l for l in lines)
-    assert any("--pool\", \"gpu-a40\"" in l for l in lines if l.startswith("CMD"))
+    assert any('pip install -c infra/constraints.txt ".[ml' in line for line in lines)
+    assert not any(line.startswith("VOLUME") for line in lines)
+    pins = dict(line.split("==") for line in (ROOT / "infra" / "constraints.txt").read_text().splitlines()
+                if "==" in line)
+    import mlflow
+    import prefect
+    assert pins["prefect"] == prefect.__version__ and pins["mlflow"] == mlflow.__version__
+    assert pins["torch"] == "2.13.0" and "Flask-WTF" in pins  # the verified torch; basic-auth's dependency
 
 
-def test_kubernetes_template_requests_a40_gpus() -> None:
+def render_kubernetes_job(tmp_path: Path) -> Path:
+    """The job manifest as a Kubernetes worker renders it: variables' defaults, env as a list."""
+    from prefect.utilities.templating import apply_values
     tpl = json.loads((ROOT / "infra" / "work-pools" / "gpu-a40-kubernetes.json").read_text())
-    pod = tpl["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    values = {k: v.get("default") for k, v in tpl["variables"]["properties"].items()}
+    values.update(name="finetune-abc", command="prefect flow-run execute", labels={"app": "voice2music"},
+                  env={"V2M_DEVICE": "cuda"})
+    manifest = apply_values(tpl["job_configuration"]["job_manifest"], values)
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    container["env"] = [{"name": k, "value": v} for k, v in container["env"].items()]
+    container["args"] = container["args"].split()
+    manifest["metadata"]["name"] = manifest["metadata"]["generateName"] + "x1"  # what the API server assigns
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
+def test_kubernetes_job_template_renders_to_a_valid_job_with_credentials_from_a_secret(tmp_path) -> None:
+    path = render_kubernetes_job(tmp_path)
+    res = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    job = yaml.safe_load(path.read_text())
+    pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
-    assert pod["nodeSelector"]["nvidia.com/gpu.product"] == "{{ gpu_product }}"
-    assert tpl["variables"]["properties"]["gpu_product"]["default"] == "NVIDIA-A40"
-    for var in ("image", "gpu_count", "namespace"):
-        assert var in tpl["variables"]["properties"], var
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # one GPU per job
+    assert pod["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-A40"
+    assert {"secretRef": {"name": "voice2music-gpu"}} in container["envFrom"]
+    assert [v for v in pod["volumes"] if "persistentVolumeClaim" in v] == []  # nothing shared between jobs
 
 
-def test_process_template_passes_gpu_job_variables_as_environment() -> None:
+def test_process_template_renders_without_pinning_every_job_to_one_gpu() -> None:
+    from prefect.workers.process import ProcessJobConfiguration
     tpl = json.loads((ROOT / "infra" / "work-pools" / "gpu-a40-process.json").read_text())
-    env = tpl["job_configuration"]["env"]
-    assert env["CUDA_VISIBLE_DEVICES"] == "{{ cuda_visible_devices }}" and env["V2M_DEVICE"] == "{{ device }}"
-    assert {"gpu_count", "device", "cuda_visible_devices"} <= set(tpl["variables"]["properties"])
+    import asyncio
+    cfg = asyncio.run(ProcessJobConfiguration.from_template_and_values(tpl, {"device": "cpu"}))
+    assert cfg.env["V2M_DEVICE"] == "cpu" and "CUDA_VISIBLE_DEVICES" not in cfg.env  # set per job by the worker
 
 
-def test_prefect_yaml_deployments_point_at_real_flows_and_pools() -> None:
+def test_prefect_yaml_clones_the_code_and_points_at_real_flows_and_pools() -> None:
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    steps = [next(iter(s)) for s in spec["pull"]]
+    assert steps == ["prefect.deployments.steps.git_clone", "prefect.deployments.steps.set_working_directory"]
     deployments = {d["name"]: d for d in spec["deployments"]}
     assert {"retrain-scheduled", "retrain-manual", "data-watch", "prepare-data", "finetune", "evaluate",
             "promote"} <= set(deployments)
@@ -63,7 +114,24 @@ def test_prefect_yaml_deployments_point_at_real_flows_and_pools() -> None:
         assert deployments[name]["work_pool"]["name"] == "gpu-a40"
         assert deployments[name]["work_pool"]["job_variables"]["gpu_count"] == 1
     for d in deployments.values():
+        assert "project_dir" not in d.get("parameters", {})  # each run works in its own clone
         module, _, attr = d["entrypoint"].partition(":")
         fn = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), attr)
         assert hasattr(fn, "deploy"), d["entrypoint"]  # a Prefect flow
     assert deployments["retrain-manual"]["concurrency_limit"] == 1
+
+
+def test_deploy_writes_the_configured_repository_and_commit_into_the_pull_steps() -> None:
+    import pytest
+
+    from flows.deploy import pull_steps
+    from v2m.config import CodeSource
+    from v2m.errors import UserError
+    by_branch = pull_steps(CodeSource(repository="git@example.com:t/v2m.git", branch="release"))
+    assert by_branch[0]["prefect.deployments.steps.git_clone"] == {
+        "id": "clone", "repository": "git@example.com:t/v2m.git", "branch": "release"}
+    pinned = pull_steps(CodeSource(repository="/srv/v2m.git", commit="0123abcd"))
+    assert pinned[0]["prefect.deployments.steps.git_clone"]["commit_sha"] == "0123abcd"
+    assert "branch" not in pinned[0]["prefect.deployments.steps.git_clone"]  # git_clone takes one of the two
+    with pytest.raises(UserError, match="orchestration.code.repository"):
+        pull_steps(CodeSource())

@@ -1,5 +1,6 @@
-"""Team mode on loopback: a deployment run through a real Prefect server and process worker, tracked in a
-real MLflow server whose artifacts land in SeaweedFS; then a clean shutdown."""
+"""Team mode on loopback: `v2m stack up` with its two workers (each in its own folder), a deployment run
+through the real Prefect server, tracked in the real MLflow server (basic auth) whose artifacts land in
+SeaweedFS; the step's result comes back through S3; then a clean shutdown."""
 
 from __future__ import annotations
 
@@ -43,24 +44,30 @@ def test_a_deployment_runs_on_the_gpu_pool_worker_with_runs_in_mlflow_and_artifa
     from prefect.settings import PREFECT_API_URL, temporary_settings
     with temporary_settings(updates={PREFECT_API_URL: state["prefect_url"] + "/api"}):  # settings load at import
         finetune_flow.from_source(source=str(REPO), entrypoint="flows/steps.py:finetune_flow").deploy(
-            name="finetune", work_pool_name="gpu-a40", job_variables={"device": "cpu", "cuda_visible_devices": ""})
+            name="finetune", work_pool_name="gpu-a40", job_variables={"device": "cpu"})
         run = run_deployment("finetune/finetune", timeout=600, parameters={
             "backend": "musicgen", "mode": "voice", "project_dir": str(root), "max_steps": 2})
-    assert run.state.is_completed(), (run.state, (st.state_dir / "logs" / "worker-gpu-a40.log").read_text()[-3000:])
+    log = st.state_dir / "logs" / "worker-gpu-a40-gpu-a40.log"
+    assert run.state.is_completed(), (run.state, log.read_text()[-3000:])
 
     client = MlflowClient(state["mlflow_url"])
     exp = client.get_experiment_by_name("voice2music-musicgen")
     runs = client.search_runs([exp.experiment_id], "tags.stage = 'voice'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert any(a.path == "samples" for a in client.list_artifacts(runs[0].info.run_id))
-    creds = st.credentials()
-    s3 = SeaweedS3(st.state_dir / "unused", access_key=creds["access_key"], secret_key=creds["secret_key"],
+    admin = st.credentials()["s3"]["admin"]
+    s3 = SeaweedS3(st.state_dir / "unused", access_key=admin["access_key"], secret_key=admin["secret_key"],
                    s3_port=int(state["s3_url"].rsplit(":", 1)[1]))
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="v2m-mlflow").get("Contents", [])]
     assert any(k.endswith("_generated.wav") for k in keys) and any(k.endswith(".safetensors") for k in keys)
+    results = [o["Key"] for o in s3.client().list_objects_v2(Bucket="v2m-results").get("Contents", [])]
+    assert results, "the step's result did not go to S3"
     # No credential leaks into what MLflow shows.
-    assert creds["secret_key"] not in str(runs[0].data.params) + str(runs[0].data.tags)
+    creds = st.credentials()
+    secrets = [creds["prefect_auth"], *creds["mlflow"].values(), *(k["secret_key"] for k in creds["s3"].values())]
+    shown = str(runs[0].data.params) + str(runs[0].data.tags)
+    assert not any(secret in shown for secret in secrets)
 
     stopped = st.down()
-    assert {"seaweedfs", "mlflow", "prefect", "worker-cpu", "worker-gpu-a40"} <= set(stopped)
+    assert {"seaweedfs", "mlflow", "prefect", "worker-cpu-cpu", "worker-gpu-a40-gpu-a40"} <= set(stopped)
     assert not any(listening(u) for u in (state["s3_url"], state["mlflow_url"], state["prefect_url"]))

@@ -1,0 +1,114 @@
+"""Two hosts against one: wall time of `retrain` in team mode (a cpu worker and a gpu-a40 worker in two empty
+folders, code from git, data through the DVC S3 remote, models through MLflow, results on S3) against the
+same retrain embedded in one process, and the bytes that moved through S3 per step.
+
+    python bench/team_retrain.py
+
+Same tiny data and step counts as tests/flows/test_team_e2e.py (without the lost host). Prints the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.flows.team_project import TEAM, merge, publish_project, s3_keys  # noqa: E402
+from v2m.stack import NOT_INHERITED, Stack  # noqa: E402
+
+SETTINGS = merge(TEAM, {"train": {"musicgen": {"max_steps": 6}}})
+
+
+def team_run(work: Path) -> tuple[float, dict, Path]:
+    from flows.deploy import deploy_all
+    from v2m.config import load_params
+    st = Stack(work / "stack")
+    st.up(servers_only=True, gpus=1)
+    try:
+        os.environ.update(st.client_env("cpu"))
+        owner, _ = publish_project(st, work, SETTINGS)
+        deploy_all(load_params(owner / "params.yaml"), owner, st.client_env("cpu"))
+        st.worker("cpu", work / "cpu-host")
+        st.worker("gpu-a40", work / "gpu-host")
+        from prefect.client.orchestration import get_client
+        from prefect.deployments import run_deployment
+        before = {b: s3_keys(st, b) for b in ("v2m-dvc", "v2m-mlflow", "v2m-checkpoints", "v2m-results")}
+        t = time.perf_counter()
+        parent = run_deployment("retrain/retrain-manual", timeout=None)
+        wall = time.perf_counter() - t
+        assert parent.state.is_completed(), parent.state
+        out = parent.state.result()
+
+        async def step_runs():
+            async with get_client() as client:
+                return await client.read_flow_runs()
+        runs = [r for r in asyncio.run(step_runs()) if r.state.is_completed() and r.deployment_id]
+        after = {b: s3_keys(st, b) for b in before}
+        moved = {b: {k: v for k, v in after[b].items() if before[b].get(k) != v} for b in after}
+        report = {"out": out, "moved": moved, "pulled": {}}
+        for r in runs:
+            try:
+                res = r.state.result()
+            except Exception:  # a result that was not persisted (not a step's)
+                continue
+            if isinstance(res, dict) and "data_bytes_pulled" in res:
+                report["pulled"][f"{r.name} ({'finetune' if 'losses' in res else 'evaluate'})"] = res["data_bytes_pulled"]
+        return wall, report, owner
+    finally:
+        st.down()
+
+
+def embedded_run(owner: Path, work: Path) -> float:
+    """The same project and settings, one process, local DVC remote, embedded MLflow and Prefect."""
+    proj = work / "embedded"
+    shutil.copytree(owner, proj, ignore=shutil.ignore_patterns(".v2m"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(NOT_INHERITED)}
+    env.update(PYTHONPATH=str(proj), V2M_ORCHESTRATION="embedded",
+               PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
+    code = "from flows.retrain import retrain; retrain(project_dir='.')"
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], cwd=proj, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"embedded retrain failed:\n{res.stderr[-3000:]}")
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="v2m-team-bench-"))
+    try:
+        team_wall, report, owner = team_run(work)
+        emb_wall = embedded_run(owner, work)
+        print(f"team retrain (2 hosts): {team_wall:7.1f} s")
+        print(f"embedded retrain:       {emb_wall:7.1f} s   team / embedded = {team_wall / emb_wall:.2f}")
+        moved = report["moved"]
+        dvc = moved["v2m-dvc"]
+        print(f"prepare-data -> S3 (dvc push + version files): {sum(dvc.values()):,} bytes in {len(dvc)} objects")
+        for name, size in sorted(report["pulled"].items()):
+            print(f"  S3 -> {name}: {size:,} bytes of data pulled")
+        for backend, entry in report["out"]["backends"].items():
+            for step in entry["steps"]:
+                for kind, run_id in (("finetune", step["run_id"]), ("evaluate", step["eval_run_id"])):
+                    art = sum(v for k, v in moved["v2m-mlflow"].items() if f"/{run_id}/" in k)
+                    print(f"  {backend} {step['mode']} {kind}: MLflow artifacts {art:,} bytes")
+        print(f"checkpoints on S3: {sum(moved['v2m-checkpoints'].values()):,} bytes; "
+              f"Prefect results on S3: {sum(moved['v2m-results'].values()):,} bytes "
+              f"in {len(moved['v2m-results'])} objects")
+        other = sum(moved["v2m-mlflow"].values()) - sum(
+            v for k, v in moved["v2m-mlflow"].items()
+            if any(f"/{s[i]}/" in k for e in report["out"]["backends"].values() for s in e["steps"]
+                   for i in ("run_id", "eval_run_id")))
+        print(f"other MLflow artifacts (registered models, reports): {other:,} bytes")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
