@@ -59,25 +59,29 @@ def _sqrt_psd(s: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def _stats(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return emb.mean(axis=0), np.atleast_2d(np.cov(emb, rowvar=False))
+class _Moments:
+    """Per-chunk window counts, sums and sums of outer products: the mean and covariance of any multiset
+    of chunks (a bootstrap resample) is then a weighted sum, without stacking the windows again."""
+
+    def __init__(self, chunks: list[np.ndarray]):
+        self.n = np.array([len(c) for c in chunks], np.float64)
+        self.s = np.stack([c.sum(axis=0) for c in chunks])
+        self.ss = np.stack([c.T @ c for c in chunks])
+
+    def stats(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = weights @ self.n
+        mu = weights @ self.s / n
+        cov = (np.tensordot(weights, self.ss, axes=1) - n * np.outer(mu, mu)) / (n - 1)
+        return mu, cov
 
 
-def _fd_to(ref: tuple[np.ndarray, np.ndarray, np.ndarray], emb: np.ndarray) -> float:
-    """Fréchet distance from a reference (mean, cov, cov^1/2) to the Gaussian of `emb`. Tr (S1 S2)^1/2 is
-    the sum of the square roots of the eigenvalues of S1^1/2 S2 S1^1/2 (symmetric PSD): exact, also for
-    the singular covariances of small sets, and much cheaper than a general matrix square root."""
-    mu1, s1, r1 = ref
-    mu2, s2 = _stats(emb)
+def _fd(mu1: np.ndarray, s1: np.ndarray, r1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
+    """Fréchet distance between two Gaussians, given r1 = s1^1/2. Tr (S1 S2)^1/2 is the sum of the square
+    roots of the eigenvalues of S1^1/2 S2 S1^1/2 (symmetric PSD): exact, also for the singular covariances
+    of small sets, and much cheaper than a general matrix square root."""
     tr = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
     d = mu1 - mu2
     return max(float(d @ d + np.trace(s1) + np.trace(s2) - 2 * tr), 0.0)
-
-
-def fad_to_reference(generated: list[np.ndarray], reference: list[np.ndarray]) -> float:
-    """FAD of pooled per-chunk window embeddings against the pooled reference embeddings."""
-    mu, s = _stats(np.concatenate(reference))
-    return _fd_to((mu, s, _sqrt_psd(s)), np.concatenate(generated))
 
 
 def paired_fad_ci(challenger: list[np.ndarray], champion: list[np.ndarray], reference: list[np.ndarray],
@@ -88,12 +92,13 @@ def paired_fad_ci(challenger: list[np.ndarray], champion: list[np.ndarray], refe
     if not (len(challenger) == len(champion) == n) or n == 0:
         raise ValueError(f"need the same chunks for both models and the reference, got "
                          f"{len(challenger)}, {len(champion)}, {n}")
+    ref, a, b = _Moments(reference), _Moments(challenger), _Moments(champion)
 
-    def diff(idx: np.ndarray) -> float:
-        mu, s = _stats(np.concatenate([reference[i] for i in idx]))
-        ref = (mu, s, _sqrt_psd(s))
-        return (_fd_to(ref, np.concatenate([challenger[i] for i in idx]))
-                - _fd_to(ref, np.concatenate([champion[i] for i in idx])))
+    def diff(weights: np.ndarray) -> float:
+        mu, s = ref.stats(weights)
+        r = _sqrt_psd(s)
+        return _fd(mu, s, r, *a.stats(weights)) - _fd(mu, s, r, *b.stats(weights))
 
-    boots = np.array([diff(idx) for idx in _indices(n, resamples, seed)])
-    return Interval(diff(np.arange(n)), *_bounds(boots, level), n)
+    boots = np.array([diff(np.bincount(idx, minlength=n).astype(np.float64))
+                      for idx in _indices(n, resamples, seed)])
+    return Interval(diff(np.ones(n)), *_bounds(boots, level), n)

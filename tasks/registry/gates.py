@@ -53,8 +53,9 @@ class GateResult:
         return asdict(self)
 
     def line(self) -> str:
-        ci = "" if self.estimate is None else (f" {self.estimate:+.4f} [{self.low:+.4f}, {self.high:+.4f}]"
-                                               f" n={self.n}")
+        ci = "" if self.estimate is None else f" {self.estimate:+.4f}"
+        ci += "" if self.low is None else f" [{self.low:+.4f}, {self.high:+.4f}]"
+        ci += "" if self.n is None else f" n={self.n}"
         return f"{self.status.upper():7s} {self.name}:{ci} {self.reason}"
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from tasks.evaluation.evaluate import EvalResult, current_test_set
 from tasks.evaluation.fad import fad_from_embeddings
+from tasks.evaluation.paired import paired_fad_ci, paired_mean_ci
 from tasks.registry.gates import Evidence, run_gates
 from tasks.registry.promotion import PromotionError, promote, rollback
 from tasks.registry.registry import CHALLENGER, CHAMPION, alias_version, audit_history, register, version_tags
@@ -256,3 +257,18 @@ def test_two_concurrent_promotions_leave_one_champion_and_two_audit_entries(stor
     assert alias_version("musicgen", CHAMPION) == winners[0]["version"]
     entries = audit_history(params, root, "musicgen")[1:]  # after the first promotion of v1
     assert sorted(e["action"] for e in entries) == ["promote", "refuse"]
+
+
+def test_paired_intervals_match_their_definitions() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.4, 0.1, 40)
+    ci = paired_mean_ci(base + 0.05 + rng.normal(0, 0.01, 40), base, resamples=500, seed=0)
+    assert ci.n == 40 and ci.low < ci.estimate < ci.high and ci.estimate == pytest.approx(0.05, abs=0.005)
+    assert ci.high - ci.low < 0.02  # the chunks' own spread (0.1) cancels in the pairs
+    # the bootstrap FAD on all chunks is the plain FAD of the pooled windows, for both models
+    ref = [rng.normal(0, 1, (5, 4)) for _ in range(12)]
+    near, far = [r + 0.1 for r in ref], [r + 1.0 for r in ref]
+    fad_ci = paired_fad_ci(far, near, ref, resamples=100, seed=0)
+    want = fad_from_embeddings(np.concatenate(far), np.concatenate(ref)) - fad_from_embeddings(
+        np.concatenate(near), np.concatenate(ref))
+    assert fad_ci.estimate == pytest.approx(want, rel=1e-6) and 0 < fad_ci.low <= fad_ci.high and fad_ci.n == 12

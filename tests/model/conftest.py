@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import librosa
 import numpy as np
 import pretty_midi
 import pytest
@@ -145,3 +146,28 @@ def chorale_renders(request, tmp_path_factory) -> list[dict]:
             out.append(stems | {"name": ch.name, "key": ch.key, "bar_start_s": float(z["bar"][0]),
                                 "bar_s": float(z["bar"][1])})
     return out
+
+
+def shifted(y: np.ndarray, seconds: float, sr: int = CHORALE_SR) -> np.ndarray:
+    n = int(round(seconds * sr))
+    return np.concatenate([np.zeros(n, np.float32), y[: y.size - n]])
+
+
+def stretched(y: np.ndarray, rate: float) -> np.ndarray:
+    """The same accompaniment played `rate` times as fast (pitch kept), cut or padded to the same length."""
+    z = librosa.effects.time_stretch(y, rate=rate).astype(np.float32)
+    return np.pad(z[: y.size], (0, max(0, y.size - z.size)))
+
+
+def looped_bar(c: dict, sr: int = CHORALE_SR) -> np.ndarray:
+    """The first full bar of the true accompaniment, looped for the whole clip."""
+    start, n = int(c["bar_start_s"] * sr), int(c["bar_s"] * sr)
+    return np.resize(c["true"][start:start + n], c["true"].size).astype(np.float32)
+
+
+def trivial_outputs(c: dict) -> dict[str, np.ndarray]:
+    """What a generator can output without making music for the vocal (the gate tests' challengers)."""
+    y = c["true"]
+    return {"drone": c["drone"], "doubling": c["vocal"].copy(),
+            "noise": (0.1 * np.random.default_rng(0).standard_normal(y.size)).astype(np.float32),
+            "silence": np.zeros_like(y), "loop": looped_bar(c)}
