@@ -61,8 +61,9 @@ def rhythm_fit(vocal: np.ndarray, inst: np.ndarray, sr: int, inst_sr: int | None
 
 def repetition(inst: ChromaFrames, min_lag_s: float = REPEAT_MIN_S) -> float:
     """How exactly the clip repeats itself: max over lags (min_lag_s .. half the clip) of the mean cosine
-    between mean-removed chroma frames t and t + lag, over audible frames. Range [-1, 1]; 1 = a loop (or a
-    held chord), lower is more varied; NaN for a silent or too short clip. Lower is better."""
+    between mean-removed chroma frames t and t + lag, over audible frames (a clip shorter than 4 x min_lag_s
+    uses lags from a quarter of its length). Range [-1, 1]; 1 = a loop, lower is more varied; NaN for a
+    silent clip. Lower is better."""
     audible = inst.rms > 1e-3 * max(inst.rms.max(initial=0.0), 1e-12)
     if inst.rms.max(initial=0.0) <= 1e-6 or audible.sum() < 4:
         return float("nan")
@@ -72,7 +73,8 @@ def repetition(inst: ChromaFrames, min_lag_s: float = REPEAT_MIN_S) -> float:
     # a frame that barely differs from the mean chroma (a drone) is the same as every other frame: cosine 1
     flat = norm < 0.05 * np.maximum(scale, 1e-12)
     unit = np.where(flat, 0.0, x / np.maximum(norm, 1e-12))
-    lo, hi = max(1, int(round(min_lag_s / CHROMA_HOP_S))), inst.n_frames // 2
+    hi = inst.n_frames // 2
+    lo = max(1, min(int(round(min_lag_s / CHROMA_HOP_S)), hi // 2))  # short clips: from a quarter of their length
     if hi < lo:
         return float("nan")
     best = -1.0
