@@ -19,7 +19,6 @@ groups gives the aggregate back (tested). FAD is set-level and only reported for
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 from models import BACKENDS, configure_torch, default_device
 from models.base import Backend, peak_normalize
 from tasks.data.cache_inputs import CACHE_ROOT, backend_code_version, format_prompt, load_base
+from tasks.data.segment import test_fingerprint
 from tasks.data.track_cache import code_version, read_jsonl
 from tasks.evaluation.fad import ClapEmbedder, MelStatsEmbedder, fad_from_embeddings
 from tasks.evaluation.metrics import aggregate, compute_sample_metrics
@@ -60,18 +60,11 @@ class EvalResult:
     references: list[np.ndarray] = field(default_factory=list, repr=False)
 
 
-def test_fingerprint(records: list[dict[str, Any]]) -> str:
-    """Which test set an evaluation scored: a hash of its chunk ids, their spans and the content hashes of
-    their source files. Two evaluations are comparable only when this (and eval_settings) are equal."""
-    try:  # the data stage's own definition, recorded with the data version, once it exists
-        from tasks.data.segment import test_fingerprint as data_fingerprint
-    except ImportError:
-        data_fingerprint = None
-    if data_fingerprint is not None:
-        return data_fingerprint(records)
-    keys = sorted((r["chunk_id"], r.get("start_s"), r.get("end_s"), r.get("vocals_sha256"),
-                   r.get("instrumental_sha256")) for r in records)
-    return hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]
+def scored_fingerprint(records: list[dict[str, Any]]) -> str:
+    """Which chunks an evaluation scored, by the data stage's test-set fingerprint (chunk ids, spans, source
+    content hashes): equal to the data version's `test_fingerprint` when the whole test split is scored.
+    Two evaluations are comparable only when this and eval_settings are equal."""
+    return test_fingerprint([{**r, "split": "test"} for r in records])
 
 
 def eval_settings(params: Params) -> str:
@@ -149,11 +142,13 @@ def load_eval_run(run_id: str) -> EvalResult:
                       tags.get("eval_settings", ""), generated, references)
 
 
-def _tag_version(lineage: dict[str, str], run_id: str) -> None:
+def _tag_version(lineage: dict[str, str], result: EvalResult) -> None:
+    """A registered version points at its latest evaluation and the test set that one scored."""
     if lineage.get("model_version"):
         from mlflow.tracking import MlflowClient
-        MlflowClient().set_model_version_tag(lineage["registered_model"], lineage["model_version"], "eval_run_id",
-                                             run_id)
+        client, name, version = MlflowClient(), lineage["registered_model"], lineage["model_version"]
+        client.set_model_version_tag(name, version, "eval_run_id", result.run_id)
+        client.set_model_version_tag(name, version, "test_fingerprint", result.test_fingerprint)
 
 
 def eval_chunks(params: Params, root: Path, backend: str, split: str | None = None) -> list[dict[str, Any]]:
@@ -170,7 +165,7 @@ def eval_chunks(params: Params, root: Path, backend: str, split: str | None = No
 
 def current_test_set(params: Params, root: Path, backend: str) -> tuple[str, str]:
     """(test_fingerprint, eval_settings) an evaluation made now would carry: what comparable means."""
-    return test_fingerprint(eval_chunks(params, root, backend)), eval_settings(params)
+    return scored_fingerprint(eval_chunks(params, root, backend)), eval_settings(params)
 
 
 def embedder(params: Params):
@@ -210,10 +205,10 @@ def evaluate(params: Params, root: Path, ref: str, split: str | None = None) -> 
     if key:
         done = finished_eval(exp, key)
         if done is not None:  # same model, same test data, same settings: the scores cannot differ
-            _tag_version(lineage, done.run_id)
+            _tag_version(lineage, done)
             return done
 
-    fingerprint, settings = test_fingerprint(chunks), eval_settings(params)
+    fingerprint, settings = scored_fingerprint(chunks), eval_settings(params)
     rows, generated, references, audio_dir = [], [], [], root / ".v2m" / "eval-audio"
     with mlflow.start_run(experiment_id=exp, run_name=f"eval-{name}-{ref}") as run:
         mlflow.set_tags({"test_fingerprint": fingerprint, "eval_settings": settings})
@@ -260,8 +255,9 @@ def evaluate(params: Params, root: Path, ref: str, split: str | None = None) -> 
         np.savez_compressed(npz, **{f"gen_{i}": g for i, g in enumerate(generated)},
                             **{f"ref_{i}": r for i, r in enumerate(references)})
         mlflow.log_artifact(str(npz), "eval")
-    _tag_version(lineage, run.info.run_id)
-    return EvalResult(run.info.run_id, name, agg, rows, fingerprint, settings, generated, references)
+    result = EvalResult(run.info.run_id, name, agg, rows, fingerprint, settings, generated, references)
+    _tag_version(lineage, result)
+    return result
 
 
 # --- thin Prefect task wrapper ---------------------------------------------------------------------------

@@ -105,6 +105,7 @@ def test_registration_copies_lineage_tags_and_moves_challenger(store) -> None:
     assert {k: tags[k] for k in ("backend", "stage", "preset", "data_version", "git_commit")} == {
         "backend": "musicgen", "stage": "voice", "preset": "tiny", "data_version": "dv1", "git_commit": "abc123"}
     assert tags["base_model"].startswith("tiny") and tags["eval_run_id"]
+    assert tags["test_fingerprint"] == current_test_set(params, root, "musicgen")[0]
     v2 = candidate(params, root, stage="voice_text")
     assert alias_version("musicgen", CHALLENGER) == v2 == "2"
 
@@ -272,3 +273,27 @@ def test_paired_intervals_match_their_definitions() -> None:
     want = fad_from_embeddings(np.concatenate(far), np.concatenate(ref)) - fad_from_embeddings(
         np.concatenate(near), np.concatenate(ref))
     assert fad_ci.estimate == pytest.approx(want, rel=1e-6) and 0 < fad_ci.low <= fad_ci.high and fad_ci.n == 12
+
+
+def test_cli_prints_each_gate_and_reinstates_only_on_request(store) -> None:
+    from typer.testing import CliRunner
+
+    from v2m.cli import app
+    params, root = store
+    text = (ROOT / "params.yaml").read_text().replace("bootstrap_resamples: 1000", "bootstrap_resamples: 100")
+    (root / "params.yaml").write_text(text)
+    cli = CliRunner()
+    v1 = candidate(params, root, fad_shift=0.3)
+    assert cli.invoke(app, ["promote", "--backend", "musicgen"]).exit_code == 0
+    v2 = candidate(params, root, fad_shift=0.1, seed=1)
+    out = cli.invoke(app, ["promote", "--backend", "musicgen"])
+    assert out.exit_code == 0, out.output
+    assert f"promoted v{v2}" in out.output and "test set " in out.output
+    assert "PASS    harmonic_fit: " in out.output and f"n={N_CHUNKS}" in out.output  # estimate [interval] n
+    assert cli.invoke(app, ["rollback", "--backend", "musicgen"]).exit_code == 0
+    again = cli.invoke(app, ["promote", "--backend", "musicgen", "--version", v2])
+    assert again.exit_code == 1 and "FAIL    not_rolled_back" in again.output
+    back = cli.invoke(app, ["promote", "--backend", "musicgen", "--version", v2, "--reinstate"])
+    assert back.exit_code == 0 and alias_version("musicgen", CHAMPION) == v2
+    wrong = cli.invoke(app, ["promote", "--backend", "musicgen", "--version", v1, "--reinstate"])
+    assert wrong.exit_code == 1 and "never rolled back" in wrong.output

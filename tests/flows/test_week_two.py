@@ -65,6 +65,8 @@ def test_week_two(small_project: Path, harness) -> None:
     v2, fp2 = step["version"], step["test_fingerprint"]
     assert step["trained"] and v2 != v1 and step["champion_before"] == v1
     assert fp2 != fp1  # the test set changed: the champion's first evaluation cannot be compared
+    recorded = json.loads((small_project / ".v2m" / "data_version.json").read_text())["test_fingerprint"]
+    assert recorded["musicgen"] == fp2  # the data version's record of its test set
     # both evaluations the gates read are on the new test set, with the same settings
     tags = version_tags("musicgen", v2)
     assert tags["promotion.test_fingerprint"] == fp2
@@ -74,6 +76,7 @@ def test_week_two(small_project: Path, harness) -> None:
     assert challenger_eval["test_fingerprint"] == champion_eval["test_fingerprint"] == fp2
     assert challenger_eval["eval_settings"] == champion_eval["eval_settings"]
     assert champion_eval["source_run_id"] == v1_run
+    assert version_tags("musicgen", v1)["test_fingerprint"] == fp2  # the champion's evaluation is the new one
     assert evaluations_of(v1_run, fp2) == [tags["promotion.champion_eval_run_id"]]  # re-evaluated once
     assert set(step["gates"]) >= {"same_test_set", "harmonic_fit", "rhythm_fit", "fad", "repetition", "doubling"}
     assert step["promoted"], step["reason"]
