@@ -257,14 +257,15 @@ def generate_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="Output .
 def evaluate_cmd(model: Annotated[str, typer.Option(help="NAME@alias, NAME/version, runs:/RUN_ID, a folder, or base:<backend>.")],
                  split: Annotated[str | None, typer.Option(help="Override evaluation.split.")] = None,
                  params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Generate for every test vocal and score it (harmonic fit, FAD, key/tempo, sanity) into MLflow."""
+    """Generate for every test vocal and score it (harmonic and rhythm fit, FAD, key/tempo, sanity) into MLflow."""
     from tasks.evaluation.evaluate import evaluate
     p = params_or_fail(params)
     with user_errors():
         res = evaluate(p, Path.cwd(), model, split)
     headline = {k: round(v, 4) for k, v in res.metrics.items() if k.count("/") == 1}
-    console.print(f"evaluated {model} ({res.backend}) on {len(res.rows)} samples; run {res.run_id}")
-    report({"run_id": res.run_id, "metrics": headline})
+    console.print(f"evaluated {model} ({res.backend}) on {len(res.rows)} samples (test set {res.test_fingerprint}, "
+                  f"settings {res.settings}); run {res.run_id}")
+    report({"run_id": res.run_id, "test_fingerprint": res.test_fingerprint, "metrics": headline})
 
 
 BackendOpt = Annotated[str, typer.Option(help="musicgen or audioldm.")]
