@@ -30,7 +30,8 @@ def scored(name: str, chorales: list[dict], outputs: list[np.ndarray]) -> EvalRe
     """What evaluate() would record for a 'model' whose outputs these are, on the chorales as test set."""
     emb, rows, gen, ref = MelStatsEmbedder(), [], [], []
     for c, out in zip(chorales, outputs):
-        v, a = c["analysed"], analyse(out, SR)
+        v = c["analysed"]
+        a = v if name == "doubling" else c["analysed_true"] if name == "true" else analyse(out, SR)
         rows.append({"chunk_id": c["name"], "language": "de", "genre": "chorale", "harmonic_fit": harmonic_fit(v, a),
                      "chroma_cosine": chroma_cosine(v, a), "rhythm_fit": rhythm_fit(c["vocal"], out, SR),
                      "repetition": repetition(a), "sanity_pass": sanity(out, SR)["sanity_pass"]})
@@ -47,8 +48,8 @@ def evaluations(chorale_renders) -> dict[str, EvalResult]:
     n = int(CLIP_S * SR)
     chorales = [{k: v[:n] if isinstance(v, np.ndarray) else v for k, v in c.items()}
                 for c in chorale_renders[:N_CHORALES]]
-    for c in chorales:
-        c["analysed"] = analyse(c["vocal"], SR)
+    for c in chorales:  # each stem analysed once
+        c["analysed"], c["analysed_true"] = analyse(c["vocal"], SR), analyse(c["true"], SR)
     outputs = [trivial_outputs(c) for c in chorales]
     out = {"true": scored("true", chorales, [c["true"] for c in chorales])}
     for name in CAUGHT_BY:
@@ -58,7 +59,7 @@ def evaluations(chorale_renders) -> dict[str, EvalResult]:
 
 def test_each_trivial_output_fails_the_gate_chosen_for_it(evaluations) -> None:
     p = load_params(ROOT / "params.yaml")
-    cfg = p.promotion.model_copy(update={"bootstrap_resamples": 300})
+    cfg = p.promotion.model_copy(update={"bootstrap_resamples": 200})
     champion = evaluations["true"]
     control = run_gates(Evidence(cfg, champion, champion))
     assert all(g.passed for g in control), [g.line() for g in control if not g.passed]
