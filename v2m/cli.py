@@ -272,14 +272,15 @@ def serve_cmd(model: Annotated[str | None, typer.Option(help="REF to serve; defa
 def evaluate_cmd(model: Annotated[str, typer.Option(help="NAME@alias, NAME/version, runs:/RUN_ID, a folder, or base:<backend>.")],
                  split: Annotated[str | None, typer.Option(help="Override evaluation.split.")] = None,
                  params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Generate for every test vocal and score it (harmonic fit, FAD, key/tempo, sanity) into MLflow."""
+    """Generate for every test vocal and score it (harmonic and rhythm fit, FAD, key/tempo, sanity) into MLflow."""
     from tasks.evaluation.evaluate import evaluate
     p = params_or_fail(params)
     with user_errors():
         res = evaluate(p, Path.cwd(), model, split)
     headline = {k: round(v, 4) for k, v in res.metrics.items() if k.count("/") == 1}
-    console.print(f"evaluated {model} ({res.backend}) on {len(res.rows)} samples; run {res.run_id}")
-    report({"run_id": res.run_id, "metrics": headline})
+    console.print(f"evaluated {model} ({res.backend}) on {len(res.rows)} samples (test set {res.test_fingerprint}, "
+                  f"settings {res.settings}); run {res.run_id}")
+    report({"run_id": res.run_id, "test_fingerprint": res.test_fingerprint, "metrics": headline})
 
 
 BackendOpt = Annotated[str, typer.Option(help="musicgen or audioldm.")]
@@ -301,17 +302,19 @@ def register_cmd(run: Annotated[str, typer.Option(help="The fine-tuning run id."
 @app.command("promote")
 def promote_cmd(backend: BackendOpt, version: Annotated[str | None, typer.Option(help="Default: the challenger.")] = None,
                 approve: Annotated[bool, typer.Option(help="Manual approval, when the policy asks for it.")] = False,
+                reinstate: Annotated[bool, typer.Option(help="Bring back a rolled-back version (audited).")] = False,
                 params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Gate a version against the champion and move `champion` if every gate passes (compare-and-set)."""
+    """Gate a version against the champion on the same test set and move `champion` if every gate passes."""
     from tasks.registry.promotion import promote
     from v2m.tracking import setup_mlflow
     p = params_or_fail(params)
     setup_mlflow(p, Path.cwd())
     with user_errors():
-        d = promote(p, Path.cwd(), backend, version, approve)
+        d = promote(p, Path.cwd(), backend, version, approve, reinstate=reinstate)
+    console.print(f"test set {d.test_fingerprint}; evaluations: v{d.version} {d.challenger_eval_run_id}, champion "
+                  f"v{d.champion_before} {d.champion_eval_run_id or '-'}", highlight=False)
     for g in d.gates:
-        console.print(f"  {'[green]pass[/green]' if g.passed else '[red]FAIL[/red]'}  {g.name}: {g.detail}",
-                      highlight=False)
+        console.print(f"  {g.line()}", highlight=False, markup=False)
     verdict = f"promoted v{d.version} to champion" if d.promoted else f"refused v{d.version}: {d.reason}"
     console.print(verdict)
     if not d.promoted:
