@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from v2m.config_base import Strict
+from v2m.config_train import TrainConfig
 
 
 class MusicGenArch(Strict):
@@ -22,11 +23,24 @@ class MusicGenArch(Strict):
     text_vocab: int = Field(256, ge=32, le=256)  # the tiny tokenizer is trained on a built-in prompt corpus
     codec_filters: int = Field(4, ge=1)  # EnCodec's first conv width (64 in the real 32 kHz codec)
     codec_dim: int = Field(16, ge=2)  # EnCodec latent / codebook vector size (128 in the real codec)
+    dropout: float = Field(0.0, ge=0, lt=1)  # decoder dropout (0.1 in the real model; tests use it for exact resume)
 
 
 class MusicGenPreset(Strict):
     weights: str = ""  # "" = random init from `arch`; else a local folder or s3://bucket/prefix of real files
     arch: MusicGenArch = MusicGenArch()
+    train: TrainConfig = TrainConfig()  # this preset's training profile (params.yaml train.musicgen overrides keys)
+
+
+# The profiles params.yaml spells out (kept here too, so a params.yaml without `presets` gets the same).
+TINY_TRAIN = TrainConfig(max_steps=12, batch_size=2, lr=1e-3, warmup_steps=2, crop_s=2.0, checkpoint_every=6,
+                         val_every=6)
+# Fine-tuning a pretrained 1.5B decoder: a peak lr 1/10 of audiocraft's pre-training 1e-4, a long warm-up,
+# whole 30 s chunks, global batch 16 by accumulation, bf16 autocast and activation checkpointing for one A40.
+MELODY_TRAIN = TrainConfig(max_steps=20000, batch_size=2, grad_accum=8, lr=1e-5, warmup_steps=1000, schedule="cosine",
+                           weight_decay=0.1, crop_s=30.0, precision="bf16", gradient_checkpointing=True,
+                           checkpoint_every=500, keep_checkpoints=3, val_every=500, val_batches=8, samples=4,
+                           sample_duration_s=10.0)
 
 
 class ConditionDropout(Strict):
@@ -45,8 +59,8 @@ class LoraConfig(Strict):
 class MusicGenConfig(Strict):
     preset: str = "tiny"
     presets: dict[str, MusicGenPreset] = {
-        "tiny": MusicGenPreset(),
-        "melody-1.5b": MusicGenPreset(weights=".v2m/weights/musicgen-melody"),
+        "tiny": MusicGenPreset(train=TINY_TRAIN),
+        "melody-1.5b": MusicGenPreset(weights=".v2m/weights/musicgen-melody", train=MELODY_TRAIN),
     }
     prompt_template: str = "{genre} music for input vocals"
     condition_dropout: ConditionDropout = ConditionDropout()
@@ -54,4 +68,6 @@ class MusicGenConfig(Strict):
     top_k: int = Field(250, ge=0)  # sampling: MusicGen's default top-k; 0 = full distribution
     finetune: str = Field("full", pattern="^(full|lora)$")
     lora: LoraConfig = LoraConfig()
-    crop_s: float = Field(30.0, gt=0)  # training window cut from each cached chunk
+    # Training window cut from each cached chunk. Not a params.yaml key here: Params.backend_config fills it
+    # from the training profile (train.crop_s); the field remains so a saved model records what it trained on.
+    crop_s: float = Field(30.0, gt=0)
