@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.base import CONDITIONINGS, Backend
+from models.base import CONDITIONINGS, Backend, draw_drops
 from models.musicgen_chroma import HOP, SAMPLE_RATE, melody_chroma
-from models.weights import DEFAULT_CACHE, download_s3_prefix, resolve_weights
+from models.weights import DEFAULT_CACHE, download_s3_prefix, resolve_weights, weight_files
 from v2m.audio import read_mono, resample, to_mono
 from v2m.config_musicgen import MusicGenConfig
 
@@ -56,13 +56,12 @@ def _fork_rng(device: torch.device):
 
 
 def resolve_folder(location: str | Path, what: str, cache_root: Path = DEFAULT_CACHE) -> Path:
-    """A local folder in transformers' save_pretrained layout, from a path or an s3:// prefix."""
+    """A local folder in transformers' save_pretrained layout (safetensors or .bin, whole or sharded), from a
+    path or an s3:// prefix."""
     location = str(location)
     folder = download_s3_prefix(location, cache_root) if location.startswith("s3://") else Path(location)
-    sharded = (folder / "model.safetensors.index.json").is_file()
-    required = ["config.json", "model.safetensors.index.json" if sharded else "model.safetensors",
-                "tokenizer_config.json"]
-    return resolve_weights(str(folder), required, what, cache_root)
+    return resolve_weights(str(folder), ["config.json", weight_files("model"), "tokenizer_config.json"], what,
+                           cache_root)
 
 
 class MusicGenBackend(Backend):
@@ -231,9 +230,9 @@ class MusicGenBackend(Backend):
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
         drop_text, drop_chroma = [False] * n, [False] * n
         if train:
-            rates = self.cfg.condition_dropout
-            drop_text = (torch.rand(n, generator=generator) < rates.text).tolist()
-            drop_chroma = (torch.rand(n, generator=generator) < rates.chroma).tolist()
+            r = self.cfg.condition_dropout
+            text, chroma = draw_drops(n, r.text, r.chroma, r.joint, r.recipe, generator)
+            drop_text, drop_chroma = text.tolist(), chroma.tolist()
         if conditioning == "voice":
             drop_text = [True] * n
         return drop_text, drop_chroma
