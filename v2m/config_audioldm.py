@@ -36,6 +36,10 @@ AUDIOLDM_S_TRAIN = TrainConfig(max_steps=10000, batch_size=4, grad_accum=4, lr=2
 
 
 class ConditionDropout(Strict):
+    """As musicgen.condition_dropout (see v2m/config_musicgen.py): recipe "joint" (default) first drops both
+    conditions together at `joint` (0.1, AudioLDM's own text dropout for guidance), then each at its rate."""
+    recipe: Literal["joint", "independent"] = "joint"
+    joint: float = Field(0.1, ge=0, le=1)
     text: float = Field(0.1, ge=0, le=1)
     vocal: float = Field(0.1, ge=0, le=1)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from v2m.config_base import Strict
@@ -44,7 +46,15 @@ MELODY_TRAIN = TrainConfig(max_steps=20000, batch_size=2, grad_accum=8, lr=1e-5,
 
 
 class ConditionDropout(Strict):
-    """Per-item, independent probabilities of training without a condition (classifier-free guidance)."""
+    """Training without a condition, for classifier-free guidance.
+
+    recipe "joint" (default, audiocraft's): first both conditions together at rate `joint` (audiocraft's
+    classifier_free_guidance.training_dropout, 0.2), then each of the rest at its own rate (audiocraft's
+    attribute_dropout). Guidance contrasts the full condition with the *joint* null, so the model must see that
+    null often: 0.2 + 0.8 x 0.3 x 0.2 = 25 % of items here. recipe "independent": each condition at its own rate,
+    nothing joint (the joint null then appears in only text x chroma = 6 % of items)."""
+    recipe: Literal["joint", "independent"] = "joint"
+    joint: float = Field(0.2, ge=0, le=1)  # recipe "joint" only
     text: float = Field(0.3, ge=0, le=1)  # dropped text = empty prompt with an all-zero attention mask
     chroma: float = Field(0.2, ge=0, le=1)  # dropped chroma = the model's null melody (one-hot bin 0 everywhere)
 
