@@ -35,9 +35,9 @@ def project_params(project_dir: str, presets: dict[str, str] | None = None) -> t
 
 @flow(name="finetune", persist_result=True)
 def finetune_flow(backend: str, mode: str, project_dir: str = ".", presets: dict[str, str] | None = None,
-                  max_steps: int | None = None) -> dict[str, Any]:
+                  max_steps: int | None = None, gpus: int = 1) -> dict[str, Any]:
     root, params = project_params(project_dir, presets)
-    state = finetune_task(params, backend, mode, root, max_steps=max_steps, return_state=True)
+    state = finetune_task(params, backend, mode, root, max_steps=max_steps, gpus=gpus, return_state=True)
     result = asdict(state.result())
     if state.name == "Cached":  # Prefect's cache: same data version and settings, nothing was trained
         result["trained"] = False

@@ -70,6 +70,15 @@ def process_group(device: str) -> Iterator[None]:
     try:
         yield
     finally:
+        finish()
+
+
+def finish() -> None:
+    """End the data-parallel part: once every process is here, leave the job. What follows (rank 0 saving
+    and logging the model) runs as a single process: library code such as save_pretrained acts differently,
+    with collectives of its own, while a process group exists."""
+    if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
