@@ -55,7 +55,7 @@ from models import audioldm_mel as mel
 from models.base import CONDITIONINGS, Backend, draw_drops
 from models.base import WeightsNotFoundError
 from models.weights import DEFAULT_CACHE, resolve_weights, weight_files
-from v2m.audio import read_mono, resample
+from v2m.audio import resample
 from v2m.config_audioldm import AudioLDMConfig, ConditionDropout
 
 CLAP_SR = 48000
@@ -198,20 +198,9 @@ class AudioLDMBackend(Backend):
     def null_vocal(self) -> torch.Tensor:
         return torch.zeros(self.embed_dim, device=self.device)
 
-    @torch.no_grad()
     def vocal_embedding(self, vocal_48k: np.ndarray) -> torch.Tensor:
-        """L2-normalised CLAP audio embedding [P] of a 48 kHz vocal. CLAP sees 10 s windows, and its feature
-        extractor crops longer input at random: we embed consecutive windows, each deterministic (short ones
-        repeat-padded), and average them weighted by length."""
-        win = self.feature_extractor.nb_max_samples
-        pieces = [vocal_48k[i:i + win] for i in range(0, max(len(vocal_48k), 1), win)]
-        feats = [self.feature_extractor(p, sampling_rate=CLAP_SR, return_tensors="pt") for p in pieces]
-        with torch.autocast(self.device.type, enabled=False):
-            out = self.clap.get_audio_features(
-                input_features=torch.cat([f["input_features"] for f in feats]).to(self.device),
-                is_longer=torch.cat([f["is_longer"] for f in feats]).to(self.device))
-        weights = torch.tensor([len(p) for p in pieces], dtype=torch.float32, device=self.device)
-        return F.normalize((out.pooler_output.float() * weights[:, None]).sum(0), dim=-1)
+        """L2-normalised CLAP audio embedding [P] of a 48 kHz vocal (see AudioLDMInputs.vocal_embeddings)."""
+        return self.inputs().vocal_embeddings([vocal_48k])[0]
 
     def class_labels(self, prompts: list[str | None], vocal_embs: torch.Tensor, keep_text: torch.Tensor,
                      keep_vocal: torch.Tensor) -> torch.Tensor:
@@ -231,19 +220,25 @@ class AudioLDMBackend(Backend):
         """Mel frames per latent frame times the UNet's downsampling: lengths must divide by it."""
         return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
-    @torch.no_grad()
+    def inputs(self) -> "AudioLDMInputs":
+        """This model's encoder side (VAE + CLAP audio tower): what prepare() runs."""
+        from models.audioldm_inputs import AudioLDMInputs
+        return AudioLDMInputs(self.vae, self.clap, self.feature_extractor, self.frame_multiple)
+
     def encode_audio(self, audio_16k: np.ndarray, scaled: bool = True) -> torch.Tensor:
         """Instrumental -> VAE latents [C, frames/4, 16] (the posterior mean; scaled for the diffusion)."""
-        spec = mel.pad_frames(mel.log_mel(mel.normalize_wav(audio_16k)), self.frame_multiple)
-        with torch.autocast(self.device.type, enabled=False):
-            z = self.vae.encode(spec[None, None].to(self.device)).latent_dist.mode()[0]
-        return z * self.vae.config.scaling_factor if scaled else z
+        return self.inputs().latents([audio_16k], scaled)[0]
 
     def prepare(self, chunk: dict[str, Any]) -> dict[str, np.ndarray]:
-        inst, sr = read_mono(chunk["instrumental_path"])
-        vocal, vsr = read_mono(chunk.get("vocals_clap_path") or chunk["vocals_path"])
-        return {"latents": self.encode_audio(resample(inst, sr, mel.SAMPLE_RATE)).cpu().numpy().astype(np.float16),
-                "vocal_embedding": self.vocal_embedding(resample(vocal, vsr, CLAP_SR)).cpu().numpy()}
+        return self.inputs().prepare_batch([chunk])[0]
+
+    @classmethod
+    def input_encoder(cls, cfg: AudioLDMConfig, preset: str, device: str = "cpu",
+                      cache_root: Path = DEFAULT_CACHE) -> "AudioLDMInputs":
+        """The cache stage's encoders of a real preset: vae/ and clap/ alone (no UNet, no vocoder), on `device`."""
+        from models.audioldm_inputs import AudioLDMInputs
+        folder = resolve_weights(cfg.presets[preset].weights, REQUIRED_FILES, f"audioldm preset {preset!r}", cache_root)
+        return AudioLDMInputs.from_folder(folder, device)
 
     # --- train ----------------------------------------------------------------------------------------
     def setup_finetune(self, method: str = "full", **options: Any) -> None:

@@ -198,15 +198,14 @@ class MusicGenBackend(Backend):
     def codec_hop(self) -> int:
         return self.model.audio_encoder.config.hop_length  # 640 samples = 50 code frames per second
 
-    @torch.no_grad()
+    def inputs(self) -> "MusicGenInputs":
+        """This model's encoder side (EnCodec + chroma): what prepare() runs."""
+        from models.musicgen_inputs import MusicGenInputs
+        return MusicGenInputs(self.model.audio_encoder, self.num_codebooks, self.pad_id)
+
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
         """[num_codebooks, frames] codes (int16 when they fit) of mono 32 kHz audio."""
-        codec = self.model.audio_encoder.eval()
-        bandwidth = next(bw for bw in sorted(codec.config.target_bandwidths)
-                         if codec.quantizer.get_num_quantizers_for_bandwidth(bw) >= self.num_codebooks)
-        wav = torch.from_numpy(np.asarray(audio, dtype=np.float32)).to(self.device)[None, None]
-        codes = codec.encode(wav, bandwidth=bandwidth).audio_codes[0, 0, : self.num_codebooks]
-        return codes.cpu().numpy().astype(np.int16 if self.pad_id < 2**15 else np.int32)
+        return self.inputs().encode([audio])[0]
 
     @torch.no_grad()
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
@@ -215,11 +214,15 @@ class MusicGenBackend(Backend):
 
     def prepare(self, chunk: dict[str, Any]) -> dict[str, np.ndarray]:
         """Codes of the instrumental (the target) and the melody chroma of the vocal (the condition)."""
-        def read(path: str) -> np.ndarray:
-            audio, sr = read_mono(path)
-            return resample(audio, sr, self.sample_rate)
-        return {"codes": self.encode_audio(read(chunk["instrumental_path"])),
-                "chroma": melody_chroma(read(chunk["vocals_path"])).astype(np.float16)}
+        return self.inputs().prepare_batch([chunk])[0]
+
+    @classmethod
+    def input_encoder(cls, cfg: MusicGenConfig, preset: str, device: str = "cpu",
+                      cache_root: Path = DEFAULT_CACHE) -> "MusicGenInputs":
+        """The cache stage's encoders of a real preset: EnCodec alone, read from the weights on `device`."""
+        from models.musicgen_inputs import MusicGenInputs
+        folder = resolve_folder(cfg.presets[preset].weights, f"musicgen preset {preset!r}", cache_root)
+        return MusicGenInputs.from_folder(folder, device)
 
     # --- conditioning -------------------------------------------------------------------------------
     def draw_condition_dropout(self, n: int, conditioning: str, generator: torch.Generator | None,

@@ -116,3 +116,33 @@ def resolve_weights(location: str, required: list[str | tuple[str, ...]], what: 
     if missing:
         raise WeightsNotFoundError(f"{what}: {folder} lacks {'; '.join(missing)}")
     return folder
+
+
+def load_prefixed(folder: Path, prefix: str) -> dict:
+    """The tensors named `prefix...` (prefix removed) of a transformers-layout folder, whole or sharded,
+    safetensors or .bin (torch.load(weights_only=True)); reads only the shards that hold them, so one part of a
+    large model (EnCodec in MusicGen) loads without the rest."""
+    import torch
+    from safetensors import safe_open
+    folder = Path(folder)
+    files: list[str] = []
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            files = sorted({f for k, f in weight_map.items() if k.startswith(prefix)})
+            break
+    else:
+        files = [f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()][:1]
+    out = {}
+    for name in files:
+        if name.endswith(".safetensors"):
+            with safe_open(str(folder / name), "pt") as f:
+                out.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+        else:
+            state = torch.load(folder / name, map_location="cpu", weights_only=True)
+            out.update({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    if not out:
+        raise WeightsNotFoundError(f"{folder}: no weights named {prefix}* in {', '.join(files) or 'any weights file'}")
+    # Older checkpoints store weight-normed convs as weight_g / weight_v; torch's parametrizations name them so:
+    return {k.replace(".weight_g", ".parametrizations.weight.original0")
+             .replace(".weight_v", ".parametrizations.weight.original1"): v for k, v in out.items()}

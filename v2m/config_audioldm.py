@@ -51,6 +51,7 @@ class AudioLDMConfig(Strict):
         "audioldm-s": AudioLDMPreset(weights=".v2m/weights/audioldm-s-full-v2", train=AUDIOLDM_S_TRAIN),
     }
     prompt_template: str = "{genre} music for input vocals"
+    cache_batch_size: int = Field(8, ge=1)  # chunks per encoder forward in the cache stage (data/cache)
     refined_prompt_template: str = "{genre} music, {mood} mood, {bpm:.0f} bpm, in {key}"
     condition_dropout: ConditionDropout = ConditionDropout()
     # The "no text" condition: "empty_prompt" = CLAP embedding of "" (what AudioLDM was trained and guided with,

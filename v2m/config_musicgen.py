@@ -73,6 +73,7 @@ class MusicGenConfig(Strict):
         "melody-1.5b": MusicGenPreset(weights=".v2m/weights/musicgen-melody", train=MELODY_TRAIN),
     }
     prompt_template: str = "{genre} music for input vocals"
+    cache_batch_size: int = Field(8, ge=1)  # chunks per encoder forward in the cache stage (data/cache)
     condition_dropout: ConditionDropout = ConditionDropout()
     guidance_scale: float = Field(3.0, ge=0)  # <= 1 turns classifier-free guidance off
     top_k: int = Field(250, ge=0)  # sampling: MusicGen's default top-k; 0 = full distribution

@@ -109,3 +109,46 @@ def test_audioldm_loads_sharded_safetensors_and_bin(tmp_path, safe):
         assert (folder / "text_encoder" / "pytorch_model.bin.index.json").is_file()
     loaded = AudioLDMBackend.from_preset(with_weights(audioldm_config(), str(folder)), "real")
     assert torch.equal(probe(loaded), probe(backend))
+
+
+# --- the cache stage's encoders ------------------------------------------------------------------------------
+def chunks(folder: Path, sr: int) -> list[dict]:
+    """Three chunks, two of the same length (one batch forward) and a shorter one."""
+    import soundfile as sf
+    rng = np.random.default_rng(1)
+    rows = []
+    for i, seconds in enumerate((1.5, 1.5, 1.0)):
+        t = np.arange(int(seconds * sr)) / sr
+        paths = {"vocals_path": folder / f"{i}_v.wav", "instrumental_path": folder / f"{i}_i.wav"}
+        sf.write(paths["vocals_path"], (0.3 * np.sin(2 * np.pi * (220 + 50 * i) * t)).astype(np.float32), sr)
+        sf.write(paths["instrumental_path"], (0.2 * rng.standard_normal(len(t))).astype(np.float32), sr)
+        rows.append({k: str(v) for k, v in paths.items()})
+    return rows
+
+
+def test_musicgen_cache_encoder_loads_only_encodec_and_batches(musicgen, tmp_path):
+    backend, saved, _ = musicgen
+    cfg = MusicGenConfig(presets={"real": MusicGenPreset(weights=str(saved))})
+    encoder = MusicGenBackend.input_encoder(cfg, "real")
+    live = backend.model.audio_encoder.state_dict()
+    assert all(torch.equal(v, live[k]) for k, v in encoder.codec.state_dict().items())  # EnCodec's own weights
+    assert type(encoder.codec).__name__ == "EncodecModel" and not hasattr(encoder, "model")  # no decoder, no T5
+    rows = chunks(tmp_path, 32000)
+    batched = encoder.prepare_batch(rows)
+    for row, got in zip(rows, batched):
+        want = backend.prepare(row)
+        # Same codes up to float noise of batched kernels at quantizer boundaries (a flip carries on in the residual)
+        assert got["codes"].shape == want["codes"].shape and (got["codes"] == want["codes"]).mean() > 0.95
+        assert np.array_equal(got["chroma"], want["chroma"])
+
+
+def test_audioldm_cache_encoder_loads_only_vae_and_clap_and_batches(tmp_path):
+    backend = AudioLDMBackend.from_preset(audioldm_config(), "tiny", seed=0)
+    backend.save(tmp_path / "w")
+    encoder = AudioLDMBackend.input_encoder(with_weights(audioldm_config(), str(tmp_path / "w")), "real")
+    assert not hasattr(encoder, "unet") and not hasattr(encoder, "vocoder")
+    rows = chunks(tmp_path, 16000)
+    for row, got in zip(rows, encoder.prepare_batch(rows)):
+        want = backend.prepare(row)
+        np.testing.assert_allclose(got["latents"].astype(np.float32), want["latents"].astype(np.float32), atol=2e-2)
+        np.testing.assert_allclose(got["vocal_embedding"], want["vocal_embedding"], atol=1e-5)
