@@ -130,6 +130,7 @@ def data_split(labelled_dir: Path, out: OutOpt = Path("data/split"), params: Par
     for name, r in res["report"].items():
         console.print(f"{name:5s}: {r['tracks']:4d} tracks, {len(r['artists'])} artists, "
                       f"genres {r['genres']}, languages {r['languages']}", highlight=False)
+    console.print(f"new artists placed: {len(res['new_artists'])}; every earlier artist kept its split")
 
 
 @data_app.command("segment")
@@ -201,7 +202,7 @@ def train_cmd(backend: Annotated[str, typer.Option(help="musicgen or audioldm.")
               variant: Annotated[str | None, typer.Option(help="AudioLDM variant: voice, voice_text or refined.")] = None,
               preset: Annotated[str | None, typer.Option(help="Override <backend>.preset.")] = None,
               max_steps: Annotated[int | None, typer.Option(help="Override train.<backend>.max_steps.")] = None,
-              init_from: Annotated[str, typer.Option(help="auto (stage 2 starts from stage 1), base, or a model folder.")] = "auto",
+              init_from: Annotated[str, typer.Option(help="auto (stage 2 starts from the matching stage-1 run in MLflow), base, or a model REF (runs:/ID, NAME/version, a folder).")] = "auto",
               gpus: Annotated[int, typer.Option(min=1, help="Processes of one data-parallel job on torchrun (one per GPU; gloo on a CPU).")] = 1,
               params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Fine-tune a backend (resumes an interrupted run with the same settings; a finished one is reused)."""

@@ -7,11 +7,14 @@ mostly silent (less than `min_vocal_active` of 50 ms frames above `vocal_active_
 teach the model nothing about following a voice.
 
 Outputs: `out_dir/<backend>/<track_id>/<i>_{vocals,instrumental}[_48k].wav` and
-`out_dir/<backend>.jsonl`, one manifest record per chunk (see shared/notes/conventions.md).
+`out_dir/<backend>.jsonl`, one manifest record per chunk (see shared/notes/conventions.md), and
+`out_dir/test_fingerprint.json`, each backend's test-set fingerprint (recorded with the data version).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,14 +23,23 @@ import numpy as np
 import soundfile as sf
 
 from tasks.data.normalize import rate_tag
-from tasks.data.track_cache import (cache_key, code_version, read_jsonl, run_per_track,
+from tasks.data.track_cache import (cache_key, code_version, module_closure, confined, read_jsonl, run_per_track,
                                     write_jsonl, write_stats)
 from v2m.audio import frame_rms_db, write_wav
 from v2m.config import ChunkConfig, NormalizeConfig, SegmentConfig
 
 BACKENDS = ("musicgen", "audioldm")
+FINGERPRINTS = "test_fingerprint.json"  # {backend: fingerprint of its test chunks}
 PROVENANCE_KEYS = ("track_id", "artist", "title", "genre", "language", "mood", "bpm", "key",
                    "bpm_source", "key_source", "vocals_sha256", "instrumental_sha256")
+
+
+def test_fingerprint(records: list[dict[str, Any]]) -> str:
+    """The identity of a backend's test set: its chunk ids and spans with the content hashes of their source
+    stems. Two evaluations are comparable only if they ran on the same fingerprint (and settings)."""
+    items = sorted((r["chunk_id"], r["start_s"], r["end_s"], r["vocals_sha256"], r["instrumental_sha256"])
+                   for r in records if r["split"] == "test")
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
 def chunk_spans(n_samples: int, sr: int, chunk: ChunkConfig) -> list[tuple[int, int]]:
@@ -76,7 +88,7 @@ def segment_track(rec: dict[str, Any], cfg: SegmentConfig, norm: NormalizeConfig
             if active < cfg.min_vocal_active:
                 dropped += 1
                 continue
-            base = out_dir / backend / rec["track_id"] / f"{i:03d}"
+            base = confined(out_dir, backend, rec["track_id"]) / f"{i:03d}"
             item = {"chunk_id": f"{rec['track_id']}-{backend}-{i:03d}", "index": i,
                     "start_s": s / sr, "end_s": e / sr, "sample_rate": sr, "vocal_active": round(active, 3),
                     "vocals_path": f"{base}_vocals.wav", "instrumental_path": f"{base}_instrumental.wav"}
@@ -97,7 +109,7 @@ def segment_dataset(split_dir: str | Path, out_dir: str | Path, cfg: SegmentConf
                     norm: NormalizeConfig, workers: int = 0, progress=None) -> dict[str, Any]:
     out_dir = Path(out_dir)
     tracks = read_jsonl(Path(split_dir) / "tracks.jsonl")
-    version = code_version(__file__)
+    version = code_version(*module_closure(__file__))  # this stage's code and every helper it runs
     # The split is not part of the key: moving a track between splits rewrites the manifest, not audio.
     key_fn = lambda r: cache_key("segment", version, cfg.model_dump(), norm.model_dump(),  # noqa: E731
                                  {k: v for k, v in r.items() if k != "split"})
@@ -115,6 +127,8 @@ def segment_dataset(split_dir: str | Path, out_dir: str | Path, cfg: SegmentConf
                              "source_instrumental_path": track["instrumental_path"]})
         write_jsonl(out_dir / f"{backend}.jsonl", rows)
         manifests[backend] = rows
+    fingerprints = {b: test_fingerprint(rows) for b, rows in manifests.items()}
+    (out_dir / FINGERPRINTS).write_text(json.dumps(fingerprints, indent=1, sort_keys=True))
     write_stats(out_dir, stats, chunks={b: len(r) for b, r in manifests.items()},
                 dropped_silent=sum(r["dropped_silent"] for r in results))
-    return {"manifests": manifests, "stats": stats}
+    return {"manifests": manifests, "stats": stats, "test_fingerprint": fingerprints}

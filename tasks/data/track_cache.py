@@ -14,6 +14,7 @@ Work runs in a process pool; `fn(record) -> record` must be a picklable top-leve
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import multiprocessing as mp
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from v2m import numba_cache
 from v2m.errors import UserError
 
 CACHE_DIR = ".cache"
@@ -67,8 +69,26 @@ def _pool(n_workers: int) -> ProcessPoolExecutor:
     if pool is None or getattr(pool, "_broken", False):
         threaded = THREADED_LIBRARIES & sys.modules.keys()
         ctx = mp.get_context("forkserver" if threaded else "fork")
-        pool = _POOLS[n_workers] = ProcessPoolExecutor(n_workers, mp_context=ctx)
+        pool = _POOLS[n_workers] = ProcessPoolExecutor(n_workers, mp_context=ctx,
+                                                        initializer=numba_cache.worker_init)
     return pool
+
+
+def entry_name(track_id: str) -> str:
+    """The cache file of a record. Ids come from the data (metadata.csv, folder names) and may be hostile
+    (`..`, absolute paths, NUL, 300 characters): only a hash of the id ever becomes a file name."""
+    return hashlib.sha256(track_id.encode("utf-8", "surrogatepass")).hexdigest()[:32] + ".json"
+
+
+def confined(base: Path, *parts: str) -> Path:
+    """`base/parts...`, refusing any part that could leave `base` (separators, `..`, NUL, absolute)."""
+    for part in parts:
+        if not part or part in (".", "..") or "/" in part or "\\" in part or "\0" in part or len(part) > 255:
+            raise StageError(f"{base}: refusing to write under the name {part[:80]!r}: not a plain file name")
+    path = Path(base).joinpath(*parts)
+    if not path.resolve().is_relative_to(Path(base).resolve()):
+        raise StageError(f"{path}: resolves outside {base}")
+    return path
 
 
 def cache_key(*parts: Any) -> str:
@@ -76,11 +96,50 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+PROJECT = Path(__file__).resolve().parents[2]
+PACKAGES = ("v2m", "tasks", "flows", "models")
+# Modules that only declare settings, errors or process set-up: what they mean for an output reaches the
+# cache keys as the settings' values, so editing them (a new params section, say) re-does nothing.
+NOT_CODE = {"v2m/__init__.py", "tasks/__init__.py", "flows/__init__.py", "v2m/config.py", "v2m/config_base.py", "v2m/config_musicgen.py",
+            "v2m/config_audioldm.py", "v2m/errors.py", "v2m/numba_cache.py"}
+
+
+def module_closure(*files: str | Path, exclude: tuple[str, ...] = ()) -> list[Path]:
+    """The project source files that `files` run: themselves plus every project module they import,
+    directly or through others (imports inside functions count), minus NOT_CODE and paths starting with
+    one of `exclude`. This is what a stage's output depends on, so it is what its cache key hashes and
+    what dvc.yaml lists as the stage's code deps (tests/code/test_dvc_deps.py checks they agree)."""
+    seen: set[Path] = set()
+    todo = [Path(f).resolve() for f in files]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] not in PACKAGES:
+                    continue
+                module = PROJECT / name.replace(".", "/")
+                for target in (module.with_suffix(".py"), module / "__init__.py"):  # a module, or a package
+                    if target.is_file():
+                        todo.append(target)
+    rel = sorted(p.relative_to(PROJECT).as_posix() for p in seen)
+    return [PROJECT / r for r in rel if r not in NOT_CODE and not r.startswith(exclude)]
+
+
 def code_version(*files: str | Path) -> str:
-    """Hash of the source files a stage runs, so editing the code invalidates its cache."""
+    """Hash of the source files a stage runs (pass module_closure(...)), so editing the code invalidates its cache."""
     h = hashlib.sha256()
-    for f in files:
-        h.update(Path(f).read_bytes())
+    for f in sorted(map(Path, files)):
+        h.update(f.as_posix().encode())  # renaming or moving a file is a change too
+        h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -92,8 +151,10 @@ def _outputs_exist(result: dict[str, Any]) -> bool:
     return all(Path(p).exists() for p in result.get("outputs", []))
 
 
-def _remove_outputs(result: dict[str, Any]) -> None:
+def _remove_outputs(result: dict[str, Any], out_dir: Path) -> None:
     for p in map(Path, result.get("outputs", [])):
+        if not p.resolve().is_relative_to(out_dir.resolve()):
+            continue  # only ever delete inside this stage's own output
         p.unlink(missing_ok=True)
         if p.parent.is_dir() and not any(p.parent.iterdir()):
             p.parent.rmdir()
@@ -133,7 +194,7 @@ def run_per_track(
 
     for rec in records:
         key = key_fn(rec)
-        entry_path = cache / f"{rec['track_id']}.json"
+        entry_path = cache / entry_name(rec["track_id"])
         if entry_path.exists():
             entry = json.loads(entry_path.read_text())
             if entry.get("key") == key and _outputs_exist(entry["result"]):
@@ -143,11 +204,15 @@ def run_per_track(
         todo.append((rec, key))
 
     # Tracks that left the input: drop their outputs and cache entries.
-    wanted = {r["track_id"] for r in records}
+    wanted = {entry_name(r["track_id"]) for r in records}
     for entry_path in cache.glob("*.json"):
-        if entry_path.stem not in wanted:
-            _remove_outputs(json.loads(entry_path.read_text())["result"])
-            shutil.rmtree(out_dir / entry_path.stem, ignore_errors=True)
+        if entry_path.name not in wanted:
+            entry = json.loads(entry_path.read_text())
+            _remove_outputs(entry["result"], out_dir)
+            try:
+                shutil.rmtree(confined(out_dir, entry.get("track_id", entry_path.stem)), ignore_errors=True)
+            except StageError:
+                pass  # an id that was never a folder name never got a folder
             entry_path.unlink()
             stats.removed += 1
 
@@ -159,7 +224,7 @@ def run_per_track(
     def _finish(rec: dict[str, Any], key: str, result: dict[str, Any]) -> None:
         nonlocal done
         results[rec["track_id"]] = result
-        _write_json_atomic(cache / f"{rec['track_id']}.json", {"key": key, "result": result})
+        _write_json_atomic(cache / entry_name(rec["track_id"]), {"key": key, "track_id": rec["track_id"], "result": result})
         stats.processed += 1
         done += 1
         if progress:
