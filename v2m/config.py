@@ -195,19 +195,20 @@ class Params(Strict):
             if "crop_s" in cfg.model_fields_set:  # one place for the crop: the training profile
                 raise ValueError(f"{name}.crop_s: the training crop is part of the training profile; set "
                                  f"{name}.presets.<preset>.train.crop_s or train.{name}.crop_s instead")
-            for preset in cfg.presets:  # switching preset later must not be the first time a profile is checked
-                try:
-                    self.train_config(name, preset)
-                except ValidationError as exc:
-                    raise ValueError(f"train.{name} over {name}.presets.{preset}.train: " + "; ".join(
-                        f"{'.'.join(map(str, e['loc'])) or 'profile'}: {e['msg'].removeprefix('Value error, ')}"
-                        for e in exc.errors())) from None
+            self.train_config(name)  # the chosen preset's profile with the overrides (another preset: when chosen)
         return self
 
     def train_config(self, backend: str, preset: str | None = None) -> TrainConfig:
-        """The training settings of a backend: its preset's profile with `train.<backend>` overrides on top."""
+        """The training settings of a backend: its preset's profile with `train.<backend>` overrides on top.
+        Raises ConfigError naming both places when the combination is invalid."""
         cfg = getattr(self, backend)
-        return resolve_train(cfg.presets[preset or cfg.preset].train, getattr(self.train, backend))
+        preset = preset or cfg.preset
+        try:
+            return resolve_train(cfg.presets[preset].train, getattr(self.train, backend))
+        except ValidationError as exc:
+            raise ConfigError(f"train.{backend} over {backend}.presets.{preset}.train: " + "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'profile'}: {e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors())) from None
 
     def backend_config(self, backend: str):
         """The backend's section with the crop of its resolved training profile (what the backend trains on)."""
