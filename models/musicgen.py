@@ -33,7 +33,7 @@ import torch
 from models.base import CONDITIONINGS, Backend, draw_drops
 from models.musicgen_chroma import HOP, SAMPLE_RATE, melody_chroma
 from models.weights import DEFAULT_CACHE, download_s3_prefix, resolve_weights, weight_files
-from v2m.audio import read_mono, resample, to_mono
+from v2m.audio import resample, to_mono
 from v2m.config_musicgen import MusicGenConfig
 
 META_FILE = "v2m_musicgen.json"  # our settings (prompt template, dropout, ...) next to transformers' files
