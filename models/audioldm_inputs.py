@@ -42,7 +42,9 @@ class AudioLDMInputs:
     @torch.no_grad()
     def latents(self, clips_16k: list[np.ndarray], scaled: bool = True) -> list[torch.Tensor]:
         """Instrumentals -> VAE latents [C, frames/4, 16] each (the posterior mean; scaled for the diffusion)."""
-        specs = [mel.pad_frames(mel.log_mel(mel.normalize_wav(a)), self.frame_multiple) for a in clips_16k]
+        # T samples give T // 160 + 1 centred frames; AudioLDM keeps duration x 100 of them (its _pad_spec).
+        specs = [mel.pad_frames(mel.log_mel(mel.normalize_wav(a))[: max(1, len(a) // mel.HOP)], self.frame_multiple)
+                 for a in clips_16k]
         out: list[torch.Tensor | None] = [None] * len(specs)
         for frames in sorted({s.shape[0] for s in specs}):
             idx = [i for i, s in enumerate(specs) if s.shape[0] == frames]
