@@ -67,10 +67,8 @@ def process_group(device: str) -> Iterator[None]:
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    try:
-        yield
-    finally:
-        finish()
+    yield  # an exception propagates without a barrier: this process exits and torchrun stops the others
+    finish()
 
 
 def finish() -> None:

@@ -163,8 +163,9 @@ def _finetune(params: Params, backend_name: str, mode: str, root: Path, init_fro
     tcfg = params.train_config(backend_name)  # the preset's profile with train.<backend> overrides
     if max_steps is not None:
         tcfg = tcfg.model_copy(update={"max_steps": max_steps})
-    with distributed.main_first():  # one process creates the tracking database
+    with distributed.main_first():  # one process creates the tracking database and the experiment
         setup_mlflow(params, root)
+        experiment_id(EXPERIMENTS[backend_name], params, root)
     data_version = data_version_of(root)
     cache_dir = root / CACHE_ROOT / backend_name
     if init_from == "auto":
