@@ -13,6 +13,7 @@ Prints step time, tokens/s (MusicGen), peak GPU memory and the generation real-t
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -146,6 +147,7 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     if args.backend in ("musicgen", "both"):
         musicgen(args, device, dtype)
+        gc.collect()  # the MusicGen model may still be held by reference cycles: free it before measuring again
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -52,12 +52,13 @@ def model_inputs(backend: str) -> list[str]:
 
 @flow(name="finetune", persist_result=True)
 def finetune_flow(backend: str, mode: str, project_dir: str = ".", presets: dict[str, str] | None = None,
-                  max_steps: int | None = None, data_version: str = "") -> dict[str, Any]:
-    """data_version: team mode, check that version out of the DVC remote first ("" = use the data here)."""
+                  max_steps: int | None = None, data_version: str = "", gpus: int = 1) -> dict[str, Any]:
+    """data_version: team mode, check that version out of the DVC remote first ("" = use the data here).
+    gpus: train this one run on that many GPUs of the host (torchrun, data parallel)."""
     root, params = project_params(project_dir, presets)
     pulled = checkout(root, params, data_version, model_inputs(backend)) if data_version else {"bytes": 0}
-    with gpu_slot() as gpu:
-        state = finetune_task(params, backend, mode, root, max_steps=max_steps, return_state=True)
+    with gpu_slot(gpus) as gpu:
+        state = finetune_task(params, backend, mode, root, max_steps=max_steps, gpus=gpus, return_state=True)
     result = asdict(state.result())
     if state.name == "Cached":  # Prefect's cache: same data version and settings, nothing was trained
         result["trained"] = False

@@ -17,16 +17,18 @@ embedding, so the base model's guidance is untouched at step 0 (params `audioldm
 a zero vector).
 
 Real weights (preset `audioldm-s`, a local folder or s3:// prefix), diffusers layout of cvssp/audioldm-s-full-v2
-plus the full CLAP model:
+plus the full CLAP model. Each weights file may also be a `.bin` (read with torch.load(weights_only=True)) and
+either may be sharded with an `.index.json`, as save_pretrained writes them:
     unet/        config.json, diffusion_pytorch_model.safetensors   (text-only P or already widened 2P inputs)
     vae/         config.json, diffusion_pytorch_model.safetensors
     vocoder/     config.json, model.safetensors                     (SpeechT5HifiGan)
     scheduler/   scheduler_config.json                              (DDIMScheduler)
     tokenizer/   tokenizer_config.json + vocab.json/merges.txt or tokenizer.json (Roberta BPE, 50265 tokens)
+    text_encoder/  config.json, model.safetensors (ClapTextModelWithProjection): AudioLDM's own CLAP text tower.
+                 Required: its text tower replaces clap/'s, so the UNet hears exactly the text embedding it was
+                 trained with. A different CLAP's text tower (clap/ alone) is refused, never used in its place.
     clap/        config.json, model.safetensors (transformers ClapModel), preprocessor_config.json
-                 (ClapFeatureExtractor, 48 kHz, truncation rand_trunc, padding repeatpad)
-    text_encoder/  optional: config.json, model.safetensors (ClapTextModelWithProjection); when present, its
-                 text tower replaces clap/'s, so the UNet hears exactly the text embedding it was trained with.
+                 (ClapFeatureExtractor, 48 kHz, truncation rand_trunc, padding repeatpad): the audio tower.
 The original pipeline has only the text tower. AudioLDM's own .ckpt holds its whole CLAP (HTSAT-tiny + Roberta,
 laion/clap-htsat-unfused's architecture) under `cond_stage_model.model.*`: convert those keys with
 transformers' CLAP conversion key map into a ClapModel and save it to clap/. A folder written by save() has the
@@ -50,18 +52,20 @@ from transformers import (ClapFeatureExtractor, ClapModel, ClapTextModelWithProj
                           SpeechT5HifiGan)
 
 from models import audioldm_mel as mel
-from models.base import CONDITIONINGS, Backend
-from models.weights import DEFAULT_CACHE, resolve_weights
-from v2m.audio import read_mono, resample
+from models.base import CONDITIONINGS, Backend, draw_drops
+from models.base import WeightsNotFoundError
+from models.weights import DEFAULT_CACHE, resolve_weights, weight_files
+from v2m.audio import resample
 from v2m.config_audioldm import AudioLDMConfig, ConditionDropout
 
 CLAP_SR = 48000
 CLAP_MAX_TOKENS = 77  # LAION CLAP's text length
 CONFIG_FILE = "audioldm.json"
-REQUIRED_FILES = ["unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
-                  "vae/diffusion_pytorch_model.safetensors", "vocoder/config.json", "vocoder/model.safetensors",
-                  "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json", "clap/config.json",
-                  "clap/model.safetensors", "clap/preprocessor_config.json"]
+REQUIRED_FILES = ["unet/config.json", weight_files("unet/diffusion_pytorch_model"), "vae/config.json",
+                  weight_files("vae/diffusion_pytorch_model"), "vocoder/config.json", weight_files("vocoder/model"),
+                  "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json", "text_encoder/config.json",
+                  weight_files("text_encoder/model"), "clap/config.json", weight_files("clap/model"),
+                  "clap/preprocessor_config.json"]
 
 
 def widen_class_projection(unet: UNet2DConditionModel, extra_dim: int) -> UNet2DConditionModel:
@@ -82,14 +86,14 @@ def widen_class_projection(unet: UNet2DConditionModel, extra_dim: int) -> UNet2D
 
 def condition_masks(n: int, conditioning: str, dropout: ConditionDropout, generator: torch.Generator,
                     train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep_text, keep_vocal) booleans [n]: each condition dropped independently at its rate when training
-    (draws from `generator`); "voice" never shows the text, train or not."""
+    """(keep_text, keep_vocal) booleans [n]: conditions dropped by the configured recipe when training (draws
+    from `generator`, see models.base.draw_drops); "voice" never shows the text, train or not."""
     if conditioning not in CONDITIONINGS:
         raise ValueError(f"conditioning {conditioning!r} is not one of {', '.join(CONDITIONINGS)}")
     keep_text, keep_vocal = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
     if train:
-        keep_text = torch.rand(n, generator=generator) >= dropout.text
-        keep_vocal = torch.rand(n, generator=generator) >= dropout.vocal
+        drop_text, drop_vocal = draw_drops(n, dropout.text, dropout.vocal, dropout.joint, dropout.recipe, generator)
+        keep_text, keep_vocal = ~drop_text, ~drop_vocal
     if conditioning == "voice":
         keep_text = torch.zeros(n, dtype=torch.bool)
     return keep_text, keep_vocal
@@ -157,7 +161,8 @@ class AudioLDMBackend(Backend):
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
         for sub, part in [("unet", self.unet), ("vae", self.vae), ("vocoder", self.vocoder), ("clap", self.clap),
-                          ("clap", self.feature_extractor), ("tokenizer", self.tokenizer), ("scheduler", self.scheduler)]:
+                          ("clap", self.feature_extractor), ("text_encoder", text_encoder_of(self.clap)),
+                          ("tokenizer", self.tokenizer), ("scheduler", self.scheduler)]:
             part.save_pretrained(d / sub)
         (d / CONFIG_FILE).write_text(json.dumps({"preset": self.preset, "config": self.cfg.model_dump()}, indent=1))
 
@@ -193,20 +198,9 @@ class AudioLDMBackend(Backend):
     def null_vocal(self) -> torch.Tensor:
         return torch.zeros(self.embed_dim, device=self.device)
 
-    @torch.no_grad()
     def vocal_embedding(self, vocal_48k: np.ndarray) -> torch.Tensor:
-        """L2-normalised CLAP audio embedding [P] of a 48 kHz vocal. CLAP sees 10 s windows, and its feature
-        extractor crops longer input at random: we embed consecutive windows, each deterministic (short ones
-        repeat-padded), and average them weighted by length."""
-        win = self.feature_extractor.nb_max_samples
-        pieces = [vocal_48k[i:i + win] for i in range(0, max(len(vocal_48k), 1), win)]
-        feats = [self.feature_extractor(p, sampling_rate=CLAP_SR, return_tensors="pt") for p in pieces]
-        with torch.autocast(self.device.type, enabled=False):
-            out = self.clap.get_audio_features(
-                input_features=torch.cat([f["input_features"] for f in feats]).to(self.device),
-                is_longer=torch.cat([f["is_longer"] for f in feats]).to(self.device))
-        weights = torch.tensor([len(p) for p in pieces], dtype=torch.float32, device=self.device)
-        return F.normalize((out.pooler_output.float() * weights[:, None]).sum(0), dim=-1)
+        """L2-normalised CLAP audio embedding [P] of a 48 kHz vocal (see AudioLDMInputs.vocal_embeddings)."""
+        return self.inputs().vocal_embeddings([vocal_48k])[0]
 
     def class_labels(self, prompts: list[str | None], vocal_embs: torch.Tensor, keep_text: torch.Tensor,
                      keep_vocal: torch.Tensor) -> torch.Tensor:
@@ -226,19 +220,25 @@ class AudioLDMBackend(Backend):
         """Mel frames per latent frame times the UNet's downsampling: lengths must divide by it."""
         return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
-    @torch.no_grad()
+    def inputs(self) -> "AudioLDMInputs":
+        """This model's encoder side (VAE + CLAP audio tower): what prepare() runs."""
+        from models.audioldm_inputs import AudioLDMInputs
+        return AudioLDMInputs(self.vae, self.clap, self.feature_extractor, self.frame_multiple)
+
     def encode_audio(self, audio_16k: np.ndarray, scaled: bool = True) -> torch.Tensor:
         """Instrumental -> VAE latents [C, frames/4, 16] (the posterior mean; scaled for the diffusion)."""
-        spec = mel.pad_frames(mel.log_mel(mel.normalize_wav(audio_16k)), self.frame_multiple)
-        with torch.autocast(self.device.type, enabled=False):
-            z = self.vae.encode(spec[None, None].to(self.device)).latent_dist.mode()[0]
-        return z * self.vae.config.scaling_factor if scaled else z
+        return self.inputs().latents([audio_16k], scaled)[0]
 
     def prepare(self, chunk: dict[str, Any]) -> dict[str, np.ndarray]:
-        inst, sr = read_mono(chunk["instrumental_path"])
-        vocal, vsr = read_mono(chunk.get("vocals_clap_path") or chunk["vocals_path"])
-        return {"latents": self.encode_audio(resample(inst, sr, mel.SAMPLE_RATE)).cpu().numpy().astype(np.float16),
-                "vocal_embedding": self.vocal_embedding(resample(vocal, vsr, CLAP_SR)).cpu().numpy()}
+        return self.inputs().prepare_batch([chunk])[0]
+
+    @classmethod
+    def input_encoder(cls, cfg: AudioLDMConfig, preset: str, device: str = "cpu",
+                      cache_root: Path = DEFAULT_CACHE) -> "AudioLDMInputs":
+        """The cache stage's encoders of a real preset: vae/ and clap/ alone (no UNet, no vocoder), on `device`."""
+        from models.audioldm_inputs import AudioLDMInputs
+        folder = resolve_weights(cfg.presets[preset].weights, REQUIRED_FILES, f"audioldm preset {preset!r}", cache_root)
+        return AudioLDMInputs.from_folder(folder, device)
 
     # --- train ----------------------------------------------------------------------------------------
     def setup_finetune(self, method: str = "full", **options: Any) -> None:
@@ -343,15 +343,30 @@ def own_memory(module: nn.Module) -> nn.Module:
     return module
 
 
+def text_encoder_of(clap: ClapModel) -> ClapTextModelWithProjection:
+    """CLAP's text tower as the diffusers layout stores it (text_encoder/)."""
+    text = ClapTextModelWithProjection(clap.config.text_config).to(clap.device)
+    text.text_model.load_state_dict(clap.text_model.state_dict())
+    text.text_projection.load_state_dict(clap.text_projection.state_dict())
+    return text
+
+
 def read_folder(folder: Path) -> dict[str, Any]:
     """Components from a diffusers-layout folder (see the module docstring), all from local files."""
+    if not (folder / "text_encoder" / "config.json").is_file():
+        raise WeightsNotFoundError(
+            f"{folder}: no text_encoder/ (AudioLDM's CLAP text tower, ClapTextModelWithProjection). The UNet was "
+            f"trained on that tower's embeddings; clap/'s own text tower is a different CLAP and is not used in its "
+            f"place. Copy text_encoder/ from the AudioLDM checkpoint (diffusers layout) into {folder}")
     clap = ClapModel.from_pretrained(folder / "clap")
-    if (folder / "text_encoder" / "config.json").is_file():
-        text = ClapTextModelWithProjection.from_pretrained(folder / "text_encoder")
-        clap.text_model.load_state_dict(text.text_model.state_dict())
-        clap.text_projection.load_state_dict(text.text_projection.state_dict())
-    return {"unet": own_memory(UNet2DConditionModel.from_pretrained(folder / "unet")),
-            "vae": own_memory(AutoencoderKL.from_pretrained(folder / "vae")),
+    text = ClapTextModelWithProjection.from_pretrained(folder / "text_encoder")
+    clap.text_model.load_state_dict(text.text_model.state_dict())
+    clap.text_projection.load_state_dict(text.text_projection.state_dict())
+    def diffusers_part(cls, sub: str):
+        # diffusers looks for safetensors unless told otherwise: a folder of .bin files (whole or sharded) says so
+        return own_memory(cls.from_pretrained(folder / sub, use_safetensors=any((folder / sub).glob("*.safetensors"))))
+    return {"unet": diffusers_part(UNet2DConditionModel, "unet"),
+            "vae": diffusers_part(AutoencoderKL, "vae"),
             "vocoder": own_memory(SpeechT5HifiGan.from_pretrained(folder / "vocoder")),
             "clap": own_memory(clap),
             "tokenizer": RobertaTokenizer.from_pretrained(folder / "tokenizer"),

@@ -2,8 +2,9 @@
 
 diffusers ships no such front end, so it lives here. The numbers are AudioLDM's (and its vocoder's): 16 kHz,
 n_fft = win = 1024, hop 160 (100 frames per second), 64 Slaney-scale mel bins from 0 to 8 kHz, the natural log of
-the mel *magnitude* clamped at 1e-5. Frames are taken HiFi-GAN style: reflect-pad (n_fft - hop) / 2 on each side,
-no centring, so T samples give T // 160 frames and the vocoder's 160x upsampling gives the samples back.
+the mel *magnitude* clamped at 1e-5. Frames are centred as in AudioLDM's own STFT (audioldm/audio/stft.py):
+reflect-pad n_fft / 2 on each side, so frame i is centred on sample 160 i and T samples give T // 160 + 1 frames
+(AudioLDM then crops to its target length; the vocoder's 160x upsampling gives the samples back).
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ def normalize_wav(audio: np.ndarray) -> np.ndarray:
 
 
 def log_mel(audio: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Waveform(s) [..., T] at 16 kHz -> log-mel [..., T // 160, 64] (time first, as the VAE and vocoder read it)."""
+    """Waveform(s) [..., T] at 16 kHz -> log-mel [..., T // 160 + 1, 64] (time first, as the VAE and vocoder read
+    it); frame i is centred on sample 160 i."""
     x = torch.as_tensor(audio, dtype=torch.float32)
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
-    pad = (N_FFT - HOP) // 2
+    pad = N_FFT // 2
     x = torch.nn.functional.pad(x.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
     spec = torch.stft(x, N_FFT, hop_length=HOP, win_length=WIN_LENGTH, window=torch.hann_window(WIN_LENGTH),
                       center=False, return_complex=True).abs()  # [B, 513, frames]

@@ -23,6 +23,20 @@ from v2m.errors import UserError
 CONDITIONINGS = ("voice", "voice_text")
 
 
+def draw_drops(n: int, first: float, second: float, joint: float, recipe: str,
+               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(drop_first, drop_second) booleans [n] for two conditions (classifier-free guidance dropout).
+    "joint" (audiocraft): both together at `joint`, then each at its own rate; "independent": each at its own."""
+    drop_first = torch.rand(n, generator=generator) < first
+    drop_second = torch.rand(n, generator=generator) < second
+    if recipe == "joint":
+        both = torch.rand(n, generator=generator) < joint
+        drop_first, drop_second = drop_first | both, drop_second | both
+    elif recipe != "independent":
+        raise ValueError(f"condition dropout recipe must be 'joint' or 'independent', got {recipe!r}")
+    return drop_first, drop_second
+
+
 OUTPUT_PEAK_DBFS = -1.0
 SILENCE_FLOOR_DBFS = -90.0  # below this the output is digital silence: left as it is, for sanity checks to see
 

@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.base import CONDITIONINGS, Backend
+from models.base import CONDITIONINGS, Backend, draw_drops
 from models.musicgen_chroma import HOP, SAMPLE_RATE, melody_chroma
-from models.weights import DEFAULT_CACHE, download_s3_prefix, resolve_weights
-from v2m.audio import read_mono, resample, to_mono
+from models.weights import DEFAULT_CACHE, download_s3_prefix, resolve_weights, weight_files
+from v2m.audio import resample, to_mono
 from v2m.config_musicgen import MusicGenConfig
 
 META_FILE = "v2m_musicgen.json"  # our settings (prompt template, dropout, ...) next to transformers' files
@@ -56,13 +56,12 @@ def _fork_rng(device: torch.device):
 
 
 def resolve_folder(location: str | Path, what: str, cache_root: Path = DEFAULT_CACHE) -> Path:
-    """A local folder in transformers' save_pretrained layout, from a path or an s3:// prefix."""
+    """A local folder in transformers' save_pretrained layout (safetensors or .bin, whole or sharded), from a
+    path or an s3:// prefix."""
     location = str(location)
     folder = download_s3_prefix(location, cache_root) if location.startswith("s3://") else Path(location)
-    sharded = (folder / "model.safetensors.index.json").is_file()
-    required = ["config.json", "model.safetensors.index.json" if sharded else "model.safetensors",
-                "tokenizer_config.json"]
-    return resolve_weights(str(folder), required, what, cache_root)
+    return resolve_weights(str(folder), ["config.json", weight_files("model"), "tokenizer_config.json"], what,
+                           cache_root)
 
 
 class MusicGenBackend(Backend):
@@ -199,15 +198,14 @@ class MusicGenBackend(Backend):
     def codec_hop(self) -> int:
         return self.model.audio_encoder.config.hop_length  # 640 samples = 50 code frames per second
 
-    @torch.no_grad()
+    def inputs(self) -> "MusicGenInputs":
+        """This model's encoder side (EnCodec + chroma): what prepare() runs."""
+        from models.musicgen_inputs import MusicGenInputs
+        return MusicGenInputs(self.model.audio_encoder, self.num_codebooks, self.pad_id)
+
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
         """[num_codebooks, frames] codes (int16 when they fit) of mono 32 kHz audio."""
-        codec = self.model.audio_encoder.eval()
-        bandwidth = next(bw for bw in sorted(codec.config.target_bandwidths)
-                         if codec.quantizer.get_num_quantizers_for_bandwidth(bw) >= self.num_codebooks)
-        wav = torch.from_numpy(np.asarray(audio, dtype=np.float32)).to(self.device)[None, None]
-        codes = codec.encode(wav, bandwidth=bandwidth).audio_codes[0, 0, : self.num_codebooks]
-        return codes.cpu().numpy().astype(np.int16 if self.pad_id < 2**15 else np.int32)
+        return self.inputs().encode([audio])[0]
 
     @torch.no_grad()
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
@@ -216,11 +214,15 @@ class MusicGenBackend(Backend):
 
     def prepare(self, chunk: dict[str, Any]) -> dict[str, np.ndarray]:
         """Codes of the instrumental (the target) and the melody chroma of the vocal (the condition)."""
-        def read(path: str) -> np.ndarray:
-            audio, sr = read_mono(path)
-            return resample(audio, sr, self.sample_rate)
-        return {"codes": self.encode_audio(read(chunk["instrumental_path"])),
-                "chroma": melody_chroma(read(chunk["vocals_path"])).astype(np.float16)}
+        return self.inputs().prepare_batch([chunk])[0]
+
+    @classmethod
+    def input_encoder(cls, cfg: MusicGenConfig, preset: str, device: str = "cpu",
+                      cache_root: Path = DEFAULT_CACHE) -> "MusicGenInputs":
+        """The cache stage's encoders of a real preset: EnCodec alone, read from the weights on `device`."""
+        from models.musicgen_inputs import MusicGenInputs
+        folder = resolve_folder(cfg.presets[preset].weights, f"musicgen preset {preset!r}", cache_root)
+        return MusicGenInputs.from_folder(folder, device)
 
     # --- conditioning -------------------------------------------------------------------------------
     def draw_condition_dropout(self, n: int, conditioning: str, generator: torch.Generator | None,
@@ -231,9 +233,9 @@ class MusicGenBackend(Backend):
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
         drop_text, drop_chroma = [False] * n, [False] * n
         if train:
-            rates = self.cfg.condition_dropout
-            drop_text = (torch.rand(n, generator=generator) < rates.text).tolist()
-            drop_chroma = (torch.rand(n, generator=generator) < rates.chroma).tolist()
+            r = self.cfg.condition_dropout
+            text, chroma = draw_drops(n, r.text, r.chroma, r.joint, r.recipe, generator)
+            drop_text, drop_chroma = text.tolist(), chroma.tolist()
         if conditioning == "voice":
             drop_text = [True] * n
         return drop_text, drop_chroma

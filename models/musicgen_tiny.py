@@ -108,7 +108,7 @@ def tiny_config(arch):
     decoder = MusicgenMelodyDecoderConfig(vocab_size=arch.codebook_size, num_codebooks=arch.num_codebooks,
                                           hidden_size=arch.decoder_hidden, num_hidden_layers=arch.decoder_layers,
                                           num_attention_heads=arch.decoder_heads, ffn_dim=arch.decoder_ffn,
-                                          dropout=0.0, pad_token_id=arch.codebook_size, bos_token_id=arch.codebook_size)
+                                          dropout=arch.dropout, pad_token_id=arch.codebook_size, bos_token_id=arch.codebook_size)
     return MusicgenMelodyConfig(text_encoder=text, audio_encoder=codec, decoder=decoder, num_chroma=NUM_CHROMA,
                                 chroma_length=CHROMA_LENGTH)
 

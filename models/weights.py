@@ -71,8 +71,35 @@ def download_s3_prefix(uri: str, cache_root: Path = DEFAULT_CACHE, endpoint_url:
     return local
 
 
-def resolve_weights(location: str, required: list[str], what: str, cache_root: Path = DEFAULT_CACHE) -> Path:
-    """A local folder holding `required` files, from a folder path or an s3:// URI.
+def weight_files(stem: str) -> tuple[str, ...]:
+    """The layouts save_pretrained writes for one model's weights, any of which loads: safetensors or a
+    pickle `.bin` (transformers and diffusers read it with torch.load(weights_only=True)), each either whole
+    or sharded with an index. `stem` is e.g. "model" (transformers) or "unet/diffusion_pytorch_model"."""
+    sub, _, name = stem.rpartition("/")
+    bin_stem = f"{sub}/" * bool(sub) + ("pytorch_model" if name == "model" else name)  # transformers' .bin name
+    return (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{bin_stem}.bin", f"{bin_stem}.bin.index.json")
+
+
+def _missing(folder: Path, name: str | tuple[str, ...]) -> str | None:
+    """None when `name` (or one of the alternatives) is there, complete; else what is missing."""
+    options = (name,) if isinstance(name, str) else name
+    for option in options:
+        path = folder / option
+        if not path.exists():
+            continue
+        if option.endswith(".index.json"):  # a sharded checkpoint: every shard the index names must be there
+            shards = sorted(set(json.loads(path.read_text()).get("weight_map", {}).values()))
+            absent = [s for s in shards if not (path.parent / s).is_file()]
+            if absent or not shards:
+                return f"{option} (shards {', '.join(absent) or 'none listed'} missing)"
+        return None
+    return options[0] if len(options) == 1 else f"one of {' / '.join(options)}"
+
+
+def resolve_weights(location: str, required: list[str | tuple[str, ...]], what: str,
+                    cache_root: Path = DEFAULT_CACHE) -> Path:
+    """A local folder holding `required` files, from a folder path or an s3:// URI. An entry that is a tuple
+    is satisfied by any one of its files (see weight_files).
 
     Raises WeightsNotFoundError naming the location, the missing files, and what to put there.
     """
@@ -80,12 +107,42 @@ def resolve_weights(location: str, required: list[str], what: str, cache_root: P
         raise WeightsNotFoundError(f"{what}: no weights location configured; set the preset's `weights` in "
                                    f"params.yaml to a local folder or an s3:// prefix")
     folder = download_s3_prefix(location, cache_root) if location.startswith("s3://") else Path(location)
+    names = [n if isinstance(n, str) else n[0] for n in required]
     if not folder.is_dir():
         raise WeightsNotFoundError(f"{what}: weights folder {folder} does not exist. Put the model's files "
-                                   f"({', '.join(required)}) there, or set the preset's `weights` in params.yaml "
+                                   f"({', '.join(names)}, ...) there, or set the preset's `weights` in params.yaml "
                                    f"to the folder or an s3:// prefix that holds them")
-    missing = [name for name in required if not (folder / name).exists()]
+    missing = [m for m in (_missing(folder, name) for name in required) if m]
     if missing:
-        raise WeightsNotFoundError(f"{what}: {folder} lacks {', '.join(missing)}; it must hold "
-                                   f"{', '.join(required)}")
+        raise WeightsNotFoundError(f"{what}: {folder} lacks {'; '.join(missing)}")
     return folder
+
+
+def load_prefixed(folder: Path, prefix: str) -> dict:
+    """The tensors named `prefix...` (prefix removed) of a transformers-layout folder, whole or sharded,
+    safetensors or .bin (torch.load(weights_only=True)); reads only the shards that hold them, so one part of a
+    large model (EnCodec in MusicGen) loads without the rest."""
+    import torch
+    from safetensors import safe_open
+    folder = Path(folder)
+    files: list[str] = []
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            files = sorted({f for k, f in weight_map.items() if k.startswith(prefix)})
+            break
+    else:
+        files = [f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()][:1]
+    out = {}
+    for name in files:
+        if name.endswith(".safetensors"):
+            with safe_open(str(folder / name), "pt") as f:
+                out.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+        else:
+            state = torch.load(folder / name, map_location="cpu", weights_only=True)
+            out.update({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    if not out:
+        raise WeightsNotFoundError(f"{folder}: no weights named {prefix}* in {', '.join(files) or 'any weights file'}")
+    # Older checkpoints store weight-normed convs as weight_g / weight_v; torch's parametrizations name them so:
+    return {k.replace(".weight_g", ".parametrizations.weight.original0")
+             .replace(".weight_v", ".parametrizations.weight.original1"): v for k, v in out.items()}

@@ -58,18 +58,23 @@ def params_hash(*parts: Any) -> str:
 
 
 @contextmanager
-def gpu_slot(poll_s: float = 1.0) -> Iterator[str | None]:
-    """One GPU of this host for this process: the first id of V2M_GPU_IDS (set by `v2m stack worker --gpus`)
-    that no other job holds, exported as CUDA_VISIBLE_DEVICES before anything touches CUDA. The hold is an
-    flock on a file per id under V2M_GPU_LOCK_DIR: the kernel frees it when the job exits or is killed, so a
-    lost job never keeps its GPU. Without V2M_GPU_IDS the environment is left as it is (None)."""
+def gpu_slot(count: int = 1, poll_s: float = 1.0) -> Iterator[str | None]:
+    """`count` GPUs of this host for this process: ids of V2M_GPU_IDS (set by `v2m stack worker --gpus`) that
+    no other job holds, exported as CUDA_VISIBLE_DEVICES before anything touches CUDA. The hold is an flock on
+    a file per id under V2M_GPU_LOCK_DIR: the kernel frees it when the job exits or is killed, so a lost job
+    never keeps its GPU. A job waits until it can hold all of its GPUs at once (it never holds some while
+    waiting, so two multi-GPU jobs cannot block each other). Without V2M_GPU_IDS the environment is left as
+    it is (None)."""
     ids = [i.strip() for i in os.environ.get("V2M_GPU_IDS", "").split(",") if i.strip()]
     if not ids:
         yield os.environ.get("CUDA_VISIBLE_DEVICES")
         return
+    if count > len(ids):
+        raise ValueError(f"a job for {count} GPUs on a host with {len(ids)} (V2M_GPU_IDS={','.join(ids)})")
     lock_dir = Path(os.environ.get("V2M_GPU_LOCK_DIR") or tempfile.gettempdir())
     lock_dir.mkdir(parents=True, exist_ok=True)
     while True:
+        held: list[tuple[str, Any]] = []
         for gpu in ids:
             handle = open(lock_dir / f"gpu-{gpu}.lock", "w")
             try:
@@ -77,15 +82,22 @@ def gpu_slot(poll_s: float = 1.0) -> Iterator[str | None]:
             except BlockingIOError:
                 handle.close()
                 continue
+            held.append((gpu, handle))
+            if len(held) == count:
+                break
+        if len(held) == count:
             previous = os.environ.get("CUDA_VISIBLE_DEVICES")
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(g for g, _ in held)
             try:
-                yield gpu
+                yield os.environ["CUDA_VISIBLE_DEVICES"]
             finally:
                 if previous is None:
                     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
                 else:
                     os.environ["CUDA_VISIBLE_DEVICES"] = previous
-                handle.close()  # releases the flock
+                for _, handle in held:
+                    handle.close()  # releases the flock
             return
+        for _, handle in held:
+            handle.close()
         time.sleep(poll_s)

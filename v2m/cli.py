@@ -203,6 +203,7 @@ def train_cmd(backend: Annotated[str, typer.Option(help="musicgen or audioldm.")
               preset: Annotated[str | None, typer.Option(help="Override <backend>.preset.")] = None,
               max_steps: Annotated[int | None, typer.Option(help="Override train.<backend>.max_steps.")] = None,
               init_from: Annotated[str, typer.Option(help="auto (stage 2 starts from the matching stage-1 run in MLflow), base, or a model REF (runs:/ID, NAME/version, a folder).")] = "auto",
+              gpus: Annotated[int, typer.Option(min=1, help="Processes of one data-parallel job on torchrun (one per GPU; gloo on a CPU).")] = 1,
               params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Fine-tune a backend (resumes an interrupted run with the same settings; a finished one is reused)."""
     from tasks.training.finetune import finetune
@@ -211,7 +212,7 @@ def train_cmd(backend: Annotated[str, typer.Option(help="musicgen or audioldm.")
         p = p.model_copy(update={backend: getattr(p, backend).model_copy(update={"preset": preset})})
     mode = stage or variant or "voice"
     with user_errors():
-        res = finetune(p, backend, mode, Path.cwd(), init_from=init_from, max_steps=max_steps)
+        res = finetune(p, backend, mode, Path.cwd(), init_from=init_from, max_steps=max_steps, gpus=gpus)
     what = "trained" if res.trained else "already trained (cache hit)"
     console.print(f"{backend} {mode}: {what}; run {res.run_id}; model {res.model_uri}")
     report({"run_id": res.run_id, "model_dir": res.model_dir, "model_uri": res.model_uri,

@@ -17,6 +17,9 @@ from v2m.config_base import Strict
 from v2m.errors import UserError
 from v2m.config_musicgen import MusicGenConfig
 from v2m.config_serve import GenerateConfig, ServeConfig
+from v2m.config_train import TrainConfig, TrainSection, resolve_train
+
+__all__ = ["ConfigError", "Params", "TrainConfig", "load_params"]
 
 PARAMS_FILE = "params.yaml"
 
@@ -128,38 +131,6 @@ class DvcConfig(Strict):
     s3: S3RemoteConfig = S3RemoteConfig()
 
 
-class TrainConfig(Strict):
-    """The shared trainer (tasks/training/trainer.py); one block per backend under `train:`."""
-    max_steps: int = Field(20, ge=1)
-    batch_size: int = Field(2, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    warmup_steps: int = Field(2, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = Field(10, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    checkpoint_uri: str = ""  # "" = local only; s3://bucket/prefix mirrors every checkpoint there
-    val_every: int = Field(10, ge=1)
-    val_batches: int = Field(2, ge=1)
-    deterministic: bool = True  # same seed -> same losses, and kill + resume reproduces them
-    samples: int = Field(2, ge=0)  # generated samples logged next to their input vocal
-    sample_duration_s: float = Field(2.0, gt=0)
-
-    @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
-        if self.checkpoint_uri and not self.checkpoint_uri.startswith("s3://"):
-            raise ValueError(f"checkpoint_uri must be empty or start with s3:// (got {self.checkpoint_uri!r})")
-        return self
-
-
-class TrainSection(Strict):
-    musicgen: TrainConfig = TrainConfig()
-    audioldm: TrainConfig = TrainConfig()
-
-
 class TrackingConfig(Strict):
     """MLflow. Empty values = the embedded defaults under .v2m/ (or MLFLOW_TRACKING_URI if set)."""
     uri: str = ""
@@ -256,12 +227,32 @@ class Params(Strict):
     serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
-    def _presets_exist(self) -> "Params":
+    def _presets_and_profiles(self) -> "Params":
         for name in ("musicgen", "audioldm"):
             cfg = getattr(self, name)
             if cfg.preset not in cfg.presets:
                 raise ValueError(f"{name}.preset {cfg.preset!r} is not one of {', '.join(cfg.presets)}")
+            if "crop_s" in cfg.model_fields_set:  # one place for the crop: the training profile
+                raise ValueError(f"{name}.crop_s: the training crop is part of the training profile; set "
+                                 f"{name}.presets.<preset>.train.crop_s or train.{name}.crop_s instead")
+            self.train_config(name)  # the chosen preset's profile with the overrides (another preset: when chosen)
         return self
+
+    def train_config(self, backend: str, preset: str | None = None) -> TrainConfig:
+        """The training settings of a backend: its preset's profile with `train.<backend>` overrides on top.
+        Raises ConfigError naming both places when the combination is invalid."""
+        cfg = getattr(self, backend)
+        preset = preset or cfg.preset
+        try:
+            return resolve_train(cfg.presets[preset].train, getattr(self.train, backend))
+        except ValidationError as exc:
+            raise ConfigError(f"train.{backend} over {backend}.presets.{preset}.train: " + "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'profile'}: {e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors())) from None
+
+    def backend_config(self, backend: str):
+        """The backend's section with the crop of its resolved training profile (what the backend trains on)."""
+        return getattr(self, backend).model_copy(update={"crop_s": self.train_config(backend).crop_s})
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

@@ -7,8 +7,9 @@
                               AudioLDM: VAE latents + CLAP vocal embedding)
         index.jsonl           one row per chunk: its metadata, split and cached file
 
-Chunks are cached one by one under the same content-hash cache as the audio stages: re-running after
-one track changed re-encodes that track's chunks only.
+Chunks are cached under the same content-hash cache as the audio stages (re-running after one track changed
+re-encodes that track's chunks only), encoded in batches of cache_batch_size on the configured device. Real
+presets load only their encoders for this (EnCodec; the VAE and CLAP), never the 1.5B decoder or the UNet.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from safetensors.numpy import load_file, save_file
 
-from models import configure_torch, get_backend, save_model
+from models import configure_torch, default_device, get_backend, save_model
 from models.base import Backend
 from tasks.data.track_cache import cache_key, code_version, module_closure, read_jsonl, run_per_track, write_jsonl, write_stats
 from v2m.audio import read_mono
@@ -73,25 +74,33 @@ def cache_dataset(params: Params, name: str, segments_dir: str | Path = "data/se
     out_dir = Path(out_dir or CACHE_ROOT / name)
     configure_torch(params.torch_threads)
     manifest = read_jsonl(Path(segments_dir) / f"{name}.jsonl")
-    backend, info = load_base(params, name, out_dir, manifest)
+    cls, cfg, device = get_backend(name), getattr(params, name), default_device()
+    if cfg.presets[cfg.preset].weights:  # real weights: only the encoders (EnCodec / VAE + CLAP), on the device
+        encoder, info = cls.input_encoder(cfg, cfg.preset, device), {"base_model": cfg.presets[cfg.preset].weights}
+    else:  # random init: the base model is built (and saved) here once; its encoders move to the device
+        backend, info = load_base(params, name, out_dir, manifest)
+        encoder = backend.to(device).inputs()
     stamp = out_dir / "base" / "base.json"  # a rebuilt random-init base invalidates every cached chunk
     base_id = cache_key(info, stamp.read_text() if stamp.is_file() else "")
     version = backend_code_version(name)
     items_dir = out_dir / "items"
 
-    def encode(chunk: dict[str, Any]) -> dict[str, Any]:
-        path = items_dir / f"{chunk['track_id']}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(backend.prepare(chunk), str(path))
-        return {"path": str(path), "outputs": [str(path)]}
+    def encode(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        items_dir.mkdir(parents=True, exist_ok=True)
+        out = []
+        for chunk, arrays in zip(chunks, encoder.prepare_batch(chunks)):
+            path = items_dir / f"{chunk['track_id']}.safetensors"
+            save_file(arrays, str(path))
+            out.append({"path": str(path), "outputs": [str(path)]})
+        return out
 
     # run_per_track keys its cache by "track_id": here the unit is a chunk.
     records = [{**c, "track_id": c["chunk_id"]} for c in manifest]
     key_fn = lambda c: cache_key("cache", name, version, base_id,  # noqa: E731
                                  {k: v for k, v in c.items() if k != "split"})
-    # workers=1: the model runs in this process (torch uses the cores itself).
-    results, stats = run_per_track(f"cache-{name}", records, key_fn, encode, items_dir, workers=1,
-                                   progress=progress)
+    # In this process, in batches: the encoders use the cores (or the GPU) themselves.
+    results, stats = run_per_track(f"cache-{name}", records, key_fn, None, items_dir, progress=progress,
+                                   batch_fn=encode, batch_size=cfg.cache_batch_size)
     index = [{**{k: c.get(k) for k in META_KEYS}, "path": r["path"]} for c, r in zip(manifest, results)]
     write_jsonl(out_dir / "index.jsonl", index)
     write_stats(out_dir, stats, chunks=len(index), **info)

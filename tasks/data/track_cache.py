@@ -101,7 +101,7 @@ PACKAGES = ("v2m", "tasks", "flows", "models")
 # Modules that only declare settings, errors or process set-up: what they mean for an output reaches the
 # cache keys as the settings' values, so editing them (a new params section, say) re-does nothing.
 NOT_CODE = {"v2m/__init__.py", "tasks/__init__.py", "flows/__init__.py", "v2m/config.py", "v2m/config_base.py", "v2m/config_musicgen.py",
-            "v2m/config_audioldm.py", "v2m/errors.py", "v2m/numba_cache.py"}
+            "v2m/config_audioldm.py", "v2m/config_train.py", "v2m/errors.py", "v2m/numba_cache.py"}
 
 
 def module_closure(*files: str | Path, exclude: tuple[str, ...] = ()) -> list[Path]:
@@ -174,12 +174,17 @@ def run_per_track(
     stage: str,
     records: Sequence[dict[str, Any]],
     key_fn: Callable[[dict[str, Any]], str],
-    fn: Callable[[dict[str, Any]], dict[str, Any]],
+    fn: Callable[[dict[str, Any]], dict[str, Any]] | None,
     out_dir: Path,
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    batch_fn: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+    batch_size: int = 1,
 ) -> tuple[list[dict[str, Any]], StageStats]:
     """Apply `fn` to every record whose key changed; reuse cached results for the rest.
+
+    `batch_fn` (in this process): up to `batch_size` changed records at a time instead of `fn` one by one,
+    for work that runs faster batched (a model on a GPU).
 
     Each result lists the files it wrote under "outputs"; they (and a folder `out_dir/<track_id>/`)
     are deleted when the track disappears from the input.
@@ -230,7 +235,17 @@ def run_per_track(
             progress(done, len(records))
 
     errors: list[str] = []
-    if n_workers <= 1:
+    if batch_fn is not None:
+        for start in range(0, len(todo), batch_size):
+            group = todo[start:start + batch_size]
+            try:
+                outs = batch_fn([rec for rec, _ in group])
+            except Exception as exc:  # keep going: finished batches stay cached
+                errors += [f"{rec['track_id']}: {exc}" for rec, _ in group]
+                continue
+            for (rec, key), result in zip(group, outs):
+                _finish(rec, key, result)
+    elif n_workers <= 1:
         for rec, key in todo:
             try:
                 _finish(rec, key, fn(rec))

@@ -2,8 +2,9 @@
 
 A checkpoint is a folder `ckpt-<step>/` holding
   model.safetensors   the trainable tensors (full weights or LoRA adapters)
-  optimizer.pt        optimizer + LR-scheduler state  } torch.save, read back with weights_only=True
-  rng.pt              torch / generator RNG states    }   (tensors and plain numbers only)
+  optimizer.pt        optimizer, LR-scheduler and GradScaler state  } torch.save, read back with weights_only=True
+  rng.pt              per training process: the project generator,  }   (tensors and plain numbers only)
+                      torch's CPU RNG and every CUDA device's RNG   }
   state.json          step, data position, losses so far
 It is written into `ckpt-<step>.tmp/` and renamed into place, so a kill mid-write leaves no half checkpoint.
 On S3 the files go under `<uri>/ckpt-<step>/` and the object `<uri>/latest` is written last: it names the

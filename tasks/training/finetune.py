@@ -28,6 +28,7 @@ from models import configure_torch, default_device, get_backend, save_model
 from models.base import Backend
 from tasks.data.cache_inputs import CACHE_ROOT, load_base, load_split
 from tasks.data.track_cache import cache_key, code_version, module_closure
+from tasks.training import distributed
 from tasks.training.trainer import train
 from v2m.audio import read_mono, write_wav
 from v2m.config import Params
@@ -79,11 +80,13 @@ def training_code_version(backend: str) -> str:
 def run_key(params: Params, backend: str, mode: str, init_from: str, data_version: str, cache_dir: Path,
             tcfg: Any = None) -> str:
     """The identity of a fine-tuning run (see the module docstring)."""
-    tcfg = tcfg or getattr(params.train, backend)
+    tcfg = tcfg or params.train_config(backend)  # the preset's training profile with train.<backend> overrides
     index = cache_dir / "index.jsonl"
-    return cache_key(backend, mode, getattr(params, backend).model_dump(), tcfg.model_dump(exclude={"checkpoint_uri"}),
-                     params.seed, data_version, init_from, index.read_text() if index.is_file() else "",
-                     training_code_version(backend))[:10]
+    world = distributed.world_size()  # N data-parallel processes train on N x the batch: another run
+    return cache_key(backend, mode, params.backend_config(backend).model_dump(),
+                     tcfg.model_dump(exclude={"checkpoint_uri"}), params.seed, data_version, init_from,
+                     index.read_text() if index.is_file() else "", training_code_version(backend),
+                     *([world] if world > 1 else []))[:10]
 
 
 def find_run(params: Params, backend: str, root: Path, key: str):
@@ -131,19 +134,38 @@ def log_samples(backend: Backend, items, n: int, duration_s: float, conditioning
 
 
 def finetune(params: Params, backend_name: str, mode: str, root: Path = Path("."), init_from: str = "auto",
-             max_steps: int | None = None, stop_after: int | None = None) -> FinetuneResult:
-    """Fine-tune one backend in one mode (a stage for MusicGen, a variant for AudioLDM)."""
+             max_steps: int | None = None, stop_after: int | None = None, gpus: int = 1) -> FinetuneResult:
+    """Fine-tune one backend in one mode (a stage for MusicGen, a variant for AudioLDM).
+
+    gpus > 1: the same run as one data-parallel job of `gpus` processes on torchrun (see
+    tasks/training/distributed.py); this call waits for it and returns rank 0's result."""
+    if gpus > 1 and not distributed.launched():
+        args = ["train", "--backend", backend_name, "--variant" if get_backend(backend_name).mode_tag == "variant"
+                else "--stage", mode, "--init-from", init_from] + (["--max-steps", str(max_steps)] if max_steps else [])
+        dump = params.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        return FinetuneResult(**distributed.launch_train(dump, args, gpus, Path(root).resolve()))
+    device = distributed.local_device(default_device())
+    with distributed.process_group(device):
+        result = _finetune(params, backend_name, mode, Path(root), init_from, max_steps, stop_after, device)
+    distributed.write_result(asdict(result))
+    return result
+
+
+def _finetune(params: Params, backend_name: str, mode: str, root: Path, init_from: str, max_steps: int | None,
+              stop_after: int | None, device: str) -> FinetuneResult:
     import mlflow
 
     from models.pyfunc import log_pyfunc
     root = Path(root).resolve()
     conditioning, template = mode_settings(params, backend_name, mode)
     configure_torch(params.torch_threads)
-    cls, bcfg = get_backend(backend_name), getattr(params, backend_name)
-    tcfg = getattr(params.train, backend_name)
+    cls, bcfg = get_backend(backend_name), params.backend_config(backend_name)  # crop from the training profile
+    tcfg = params.train_config(backend_name)  # the preset's profile with train.<backend> overrides
     if max_steps is not None:
         tcfg = tcfg.model_copy(update={"max_steps": max_steps})
-    setup_mlflow(params, root)
+    with distributed.main_first():  # one process creates the tracking database and the experiment
+        setup_mlflow(params, root)
+        experiment_id(EXPERIMENTS[backend_name], params, root)
     data_version = data_version_of(root)
     cache_dir = root / CACHE_ROOT / backend_name
     if init_from == "auto":
@@ -164,15 +186,20 @@ def finetune(params: Params, backend_name: str, mode: str, root: Path = Path("."
     if tcfg.checkpoint_uri:  # this run's own prefix: no other run resumes from it
         tcfg = tcfg.model_copy(update={"checkpoint_uri": f"{tcfg.checkpoint_uri.rstrip('/')}/{name}"})
 
-    device = default_device()
     backend, base_info = load_base(params, backend_name, cache_dir, device=device)
     if init_from != "base":
         from models.refs import resolve_model
         backend = resolve_model(init_from, device=device)
+    backend.cfg = bcfg  # today's settings (dropout, crop, ...), not those saved with the base or previous stage
     method = getattr(bcfg, "finetune", "full")  # only backends that offer LoRA configure a method
     backend.setup_finetune(method, **(bcfg.lora.model_dump() if method == "lora" else {}))
     train_items = load_split(cache_dir, "train", template)
     val_items = load_split(cache_dir, "val", template)
+
+    if not distributed.is_main():  # data-parallel ranks > 0: train in step with rank 0, which logs and saves
+        result = train(backend, train_items, val_items, tcfg, conditioning, run_dir, params.seed, stop_after=stop_after)
+        distributed.finish()
+        return FinetuneResult("", str(run_dir), "", "", result.losses, True, result.resumed_from)
 
     run_id_file = run_dir / "mlflow_run_id"
     exp = experiment_id(EXPERIMENTS[backend_name], params, root)
@@ -192,6 +219,7 @@ def finetune(params: Params, backend_name: str, mode: str, root: Path = Path("."
             (run_dir / "params_logged").touch()
         result = train(backend, train_items, val_items, tcfg, conditioning, run_dir, params.seed,
                        log=lambda m, step: mlflow.log_metrics(m, step=step), stop_after=stop_after)
+        distributed.finish()  # the rest is rank 0's alone
         if result.steps < tcfg.max_steps:  # stopped early on purpose (stop_after): resume later
             mlflow.end_run(status="KILLED")
             return FinetuneResult(run.info.run_id, str(run_dir), "", "", result.losses, True, result.resumed_from)
@@ -221,7 +249,8 @@ def _cache_key(context, arguments: dict[str, Any]) -> str:
     return "finetune-" + params_hash(arguments["backend_name"], arguments["mode"], data_version_of(root),
                                      params.model_dump(), arguments.get("init_from", "auto"),
                                      arguments.get("max_steps"), str(root),
-                                     training_code_version(arguments["backend_name"]))
+                                     training_code_version(arguments["backend_name"]),
+                                     *([arguments["gpus"]] if arguments.get("gpus", 1) > 1 else []))
 
 
 # GPU work: the `gpu` tag's concurrency limit (one per GPU) keeps one fine-tune per device.

@@ -7,9 +7,14 @@
 What makes a killed run resumable to the same numbers (cfg.deterministic):
 - data order is a pure function of (seed, epoch): a seeded permutation per epoch, so the data position
   is just (epoch, index) and lives in the checkpoint;
-- every random draw the backend makes (crops, condition dropout, noise) comes from one torch.Generator,
-  whose state is checkpointed together with torch's global RNG (dropout layers draw from that);
+- every random draw the backend makes (crops, condition dropout, noise) comes from one torch.Generator;
+  dropout layers draw from torch's global RNGs (the CPU's, and each CUDA device's). All of them, and the
+  fp16 GradScaler's state, are checkpointed, per process of a data-parallel job;
 - deterministic kernels are requested from torch.
+
+Data-parallel (torchrun, tasks/training/distributed.py): every process walks the same seeded order of
+*global* batches (batch_size x processes items) and trains on its own slice; gradients and the logged loss
+are averaged over the processes, so N processes at batch_size B compute what one process computes at N x B.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 
 from models.base import Backend
+from tasks.training import distributed
 from tasks.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, upload_checkpoint
 from v2m.config import TrainConfig
 
@@ -65,12 +71,16 @@ class Batches:
         return batch
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 10 % of the peak at the last step."""
+def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine") -> float:
+    """Linear warm-up, then (cosine or linear) decay to 10 % of the peak at the last step, or constant."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - 0.9 * progress
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -88,19 +98,52 @@ def set_deterministic(seed: int, on: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 @torch.no_grad()
 def validation_loss(backend: Backend, items: Sequence[dict[str, Any]], cfg: TrainConfig, conditioning: str,
-                    seed: int) -> float:
-    """Mean loss over the first val_batches batches, no dropout, a fixed generator: comparable across steps."""
+                    seed: int, dtype: torch.dtype | None = None) -> float:
+    """Mean loss over the first val_batches batches, no dropout, a fixed generator: comparable across steps.
+    Under the training's autocast, so it measures the model as it trains (and fits where training fits)."""
     gen = torch.Generator().manual_seed(seed + 1)
     losses = []
     for b in range(cfg.val_batches):
         batch = list(items[b * cfg.batch_size:(b + 1) * cfg.batch_size])
         if not batch:
             break
-        loss, _ = backend.train_step(batch, conditioning, gen, train=False)
+        with autocast(backend.device, dtype):
+            loss, _ = backend.train_step(batch, conditioning, gen, train=False)
         losses.append(float(loss))
     return float(np.mean(losses)) if losses else float("nan")
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG a training step draws from: the project generator, the CPU's, and each CUDA device's."""
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        if len(state["cuda"]) != torch.cuda.device_count():
+            raise ValueError(f"the checkpoint holds RNG states of {len(state['cuda'])} CUDA devices, this machine "
+                             f"has {torch.cuda.device_count()}: resume with the same visible devices")
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rng(saved: dict[str, Any], generator: torch.Generator) -> None:
+    """This process's RNG states from a checkpoint written by a job of the same size."""
+    ranks = saved.get("ranks", [saved])  # one entry per data-parallel process
+    if len(ranks) != distributed.world_size():
+        raise ValueError(f"the checkpoint was written by {len(ranks)} training process(es); resume it with the same "
+                         f"number (--gpus {len(ranks)}) so the global batch and the random streams continue")
+    set_rng_state(ranks[distributed.rank()], generator)
 
 
 def train(backend: Backend, train_items: Sequence[dict[str, Any]], val_items: Sequence[dict[str, Any]],
@@ -111,7 +154,8 @@ def train(backend: Backend, train_items: Sequence[dict[str, Any]], val_items: Se
     `stop_after` ends the loop early after that many optimizer steps of this call (tests use it to stand for
     an interruption between checkpoints)."""
     run_dir, log = Path(run_dir), log or (lambda metrics, step: None)
-    set_deterministic(seed, cfg.deterministic)
+    rank, world = distributed.rank(), distributed.world_size()
+    set_deterministic(seed + rank, cfg.deterministic)  # rank 0 alone = the single-process run
     device = backend.device
     if cfg.gradient_checkpointing:
         backend.enable_gradient_checkpointing()
@@ -120,11 +164,11 @@ def train(backend: Backend, train_items: Sequence[dict[str, Any]], val_items: Se
         raise ValueError(f"{backend.name}: nothing to train (no parameter requires grad)")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps))
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.schedule))
     dtype = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    generator = torch.Generator().manual_seed(seed)
-    batches = Batches(train_items, cfg.batch_size, seed)
+    generator = torch.Generator().manual_seed(seed + 1_000_003 * rank)
+    batches = Batches(train_items, cfg.batch_size * world, seed)  # global batches; this process takes its slice
     result = TrainResult(steps=0)
 
     # --- resume -------------------------------------------------------------------------------------
@@ -135,13 +179,16 @@ def train(backend: Backend, train_items: Sequence[dict[str, Any]], val_items: Se
         backend.load_trainable_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
         scheduler.load_state_dict(ckpt["optimizer"]["scheduler"])
-        generator.set_state(ckpt["rng"]["generator"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["optimizer"].get("scaler"):
+            scaler.load_state_dict(ckpt["optimizer"]["scaler"])
+        restore_rng(ckpt["rng"], generator)
         state = ckpt["state"]
         batches.epoch, batches.index = state["epoch"], state["index"]
         result.steps = result.resumed_from = state["step"]
         result.losses = state["losses"]
         result.val_losses = {int(k): v for k, v in state["val_losses"].items()}
+
+    distributed.broadcast_parameters(params)  # every process starts from rank 0's weights
 
     # --- the loop -----------------------------------------------------------------------------------
     backend.set_training(True)
@@ -150,12 +197,14 @@ def train(backend: Backend, train_items: Sequence[dict[str, Any]], val_items: Se
         t0 = time.perf_counter()
         step_loss, tokens = 0.0, 0.0
         for _ in range(cfg.grad_accum):
-            batch = batches.next()
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            batch = batches.next()[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+            with autocast(device, dtype):
                 loss, metrics = backend.train_step(batch, conditioning, generator, train=True)
             scaler.scale(loss / cfg.grad_accum).backward()
             step_loss += loss.detach().item() / cfg.grad_accum
-            tokens += metrics.get("tokens", 0.0)
+            tokens += metrics.get("tokens", 0.0) * world
+        distributed.average_gradients(params)  # before unscaling: an inf on any process skips the step on all
+        step_loss = distributed.mean(step_loss, device)
         scaler.unscale_(optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         scaler.step(optimizer)
@@ -173,24 +222,32 @@ def train(backend: Backend, train_items: Sequence[dict[str, Any]], val_items: Se
             metrics["train/tokens_per_s"] = tokens / elapsed
         if device.type == "cuda":
             metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if result.steps % cfg.val_every == 0 or result.steps == cfg.max_steps:
+        # Validation, logging and checkpoints are rank 0's (validation draws from no shared RNG).
+        if distributed.is_main() and (result.steps % cfg.val_every == 0 or result.steps == cfg.max_steps):
             backend.set_training(False)
             metrics["val/loss"] = result.val_losses[result.steps] = validation_loss(
-                backend, val_items or train_items, cfg, conditioning, seed)
+                backend, val_items or train_items, cfg, conditioning, seed, dtype)
             backend.set_training(True)
-        log(metrics, result.steps)
+        if distributed.is_main():
+            log(metrics, result.steps)
 
         if result.steps % cfg.checkpoint_every == 0 or result.steps == cfg.max_steps:
-            state = {"epoch": batches.epoch, "index": batches.index, "losses": result.losses,
-                     "val_losses": result.val_losses, "conditioning": conditioning, "seed": seed}
-            result.checkpoint = save_checkpoint(
-                ckpt_dir, result.steps, backend.trainable_state_dict(),
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                {"generator": generator.get_state(), "torch": torch.get_rng_state()}, state, cfg.keep_checkpoints)
-            if cfg.checkpoint_uri:
-                upload_checkpoint(result.checkpoint, cfg.checkpoint_uri)
+            rngs = distributed.gather(rng_state(generator))  # every process's RNG, saved by rank 0
+            if distributed.is_main():
+                state = {"epoch": batches.epoch, "index": batches.index, "losses": result.losses,
+                         "val_losses": result.val_losses, "conditioning": conditioning, "seed": seed,
+                         "world_size": world}
+                result.checkpoint = save_checkpoint(
+                    ckpt_dir, result.steps, backend.trainable_state_dict(),
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict()},
+                    {"ranks": rngs}, state, cfg.keep_checkpoints)
+                if cfg.checkpoint_uri:
+                    upload_checkpoint(result.checkpoint, cfg.checkpoint_uri)
 
-    backend.set_training(False)
+    distributed.barrier()  # rank 0 may go on to save the model only once every process is done
+    if not distributed.is_main():
+        return result
     (run_dir / "losses.json").write_text(json.dumps({"losses": result.losses, "resumed_from": result.resumed_from,
                                                     "val_losses": result.val_losses}))
     return result

@@ -38,6 +38,13 @@ def test_project_params_load_with_the_mission_defaults() -> None:
     (lambda r: r["data"]["demo"].update(renderer="midi"), "data.demo.renderer", "'auto', 'fluidsynth' or 'synth'"),
     (lambda r: r["dvc"]["s3"].update(url="http://bucket"), "dvc.s3", "must start with s3://"),
     (lambda r: r["data"]["validate"].update(silence_dbfs=3), "data.validate.silence_dbfs", "less than 0"),
+    (lambda r: r["train"]["musicgen"].update(lr=0), "train.musicgen.lr", "greater than 0"),
+    (lambda r: r["train"]["audioldm"].update(schedule="step"), "train.audioldm.schedule", "'cosine', 'linear'"),
+    (lambda r: r["train"]["musicgen"].update(warmup_steps=50), "(top level)",
+     "train.musicgen over musicgen.presets.tiny.train: profile: warmup_steps (50) exceeds max_steps (12)"),
+    (lambda r: r["musicgen"].update(crop_s=5.0), "(top level)", "musicgen.crop_s: the training crop is part of"),
+    (lambda r: r["musicgen"]["condition_dropout"].update(recipe="cfg"), "musicgen.condition_dropout.recipe",
+     "'joint' or 'independent'"),
 ])
 def test_bad_values_name_the_key_and_the_reason(tmp_path: Path, mutate, key, reason) -> None:
     path = write(tmp_path, mutate)
@@ -69,3 +76,22 @@ def test_cli_exit_code_1_names_the_file_and_key(tmp_path: Path) -> None:
     assert str(path) in res.stderr and "workers" in res.stderr
     usage = subprocess.run([sys.executable, "-m", "v2m.cli", "data", "validate"], capture_output=True, text=True)
     assert usage.returncode == 2  # usage error: missing RAW_DIR
+
+
+def test_the_preset_chooses_its_training_profile_and_train_overrides_single_keys(tmp_path: Path) -> None:
+    p = load_params(ROOT / "params.yaml")
+    tiny, real = p.train_config("musicgen"), p.train_config("musicgen", "melody-1.5b")
+    assert (tiny.lr, tiny.crop_s, tiny.precision) == (1e-3, 2.0, "auto")  # demo-sized
+    assert 1e-5 <= real.lr <= 5e-5 and real.warmup_steps >= 100 and real.crop_s == 30.0  # fine-tuning values
+    assert (real.precision, real.gradient_checkpointing, real.grad_accum) == ("bf16", True, 8)
+    ldm = p.train_config("audioldm", "audioldm-s")
+    assert 1e-5 <= ldm.lr <= 5e-5 and ldm.crop_s == 10.24 and ldm.precision == "bf16"
+    switched = p.model_copy(update={"musicgen": p.musicgen.model_copy(update={"preset": "melody-1.5b"})})
+    assert switched.train_config("musicgen") == real and switched.backend_config("musicgen").crop_s == 30.0
+
+    path = write(tmp_path, lambda r: r["train"]["musicgen"].update(lr=2.0e-5, max_steps=500))
+    over = load_params(path)
+    assert over.train_config("musicgen").lr == 2.0e-5 and over.train_config("musicgen").max_steps == 500
+    assert over.train_config("musicgen").crop_s == 2.0 and over.train_config("audioldm") == p.train_config("audioldm")
+    with pytest.raises(ConfigError, match="presets.melody-1.5b.train: profile: warmup_steps .1000. exceeds max_steps"):
+        over.train_config("musicgen", "melody-1.5b")  # checked (with a clear error) when that preset is chosen

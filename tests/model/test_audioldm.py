@@ -62,7 +62,7 @@ def batch() -> list[dict]:
 @pytest.fixture(scope="module")
 def trained(batch):
     """A tiny backend after 12 Adam steps on one fixed batch (same noise each step), and its losses."""
-    backend = AudioLDMBackend.from_preset(config(condition_dropout=ConditionDropout(text=0, vocal=0)), "tiny", seed=0)
+    backend = AudioLDMBackend.from_preset(config(condition_dropout=ConditionDropout(joint=0, text=0, vocal=0)), "tiny", seed=0)
     opt = torch.optim.Adam([p for _, p in backend.trainable_parameters()], lr=2e-3)
     losses = []
     for _ in range(12):
@@ -76,7 +76,7 @@ def trained(batch):
 
 def test_mel_front_end_matches_vae_and_vocoder():
     spec = log_mel(tone(1000.0, 1.0, SAMPLE_RATE))
-    assert spec.shape == (SAMPLE_RATE // HOP, N_MELS)  # 100 frames per second, 64 bins
+    assert spec.shape == (SAMPLE_RATE // HOP + 1, N_MELS)  # 100 frames per second (+1: centred frames), 64 bins
     centres = librosa.mel_frequencies(N_MELS + 2, fmin=0, fmax=8000)[1:-1]  # Slaney scale, as the filterbank
     assert abs(centres[int(spec.mean(0).argmax())] - 1000.0) < 60.0
     assert float(log_mel(np.zeros(16000)).max()) == pytest.approx(SILENCE)  # log(1e-5) floor
@@ -89,6 +89,21 @@ def test_mel_front_end_matches_vae_and_vocoder():
     assert spec.shape[0] * HOP <= wave.shape[-1] < (spec.shape[0] + 1) * HOP
     z = backend.encode_audio(tone(440.0, 1.0, SAMPLE_RATE))
     assert z.shape == (backend.unet.config.in_channels, 25 + 1, N_MELS // 4)  # 100 frames padded to 104, /4
+
+
+def test_mel_frames_are_centred_like_audioldms_stft():
+    """AudioLDM's STFT reflect-pads n_fft / 2: frame i is centred on sample 160 i (not 5 ms later)."""
+    from models.audioldm_mel import N_FFT, mel_basis
+    audio = melody(3, 1.0, SAMPLE_RATE)
+    x = torch.from_numpy(audio)
+    reference = torch.stft(x, N_FFT, hop_length=HOP, window=torch.hann_window(N_FFT), center=True, pad_mode="reflect",
+                           return_complex=True).abs()  # centre=True pads n_fft / 2, as AudioLDM's STFT module
+    expected = torch.log(torch.clamp(mel_basis() @ reference, min=1e-5)).T
+    torch.testing.assert_close(log_mel(audio), expected, rtol=1e-4, atol=1e-4)
+    for frame in (20, 50, 77):  # a click 40 samples before frame's centre: nearest to that frame, not the one before
+        click = np.zeros(SAMPLE_RATE, np.float32)
+        click[frame * HOP - 40] = 1.0
+        assert int(log_mel(click).mean(1).argmax()) == frame
 
 
 def test_widened_projection_reproduces_text_only_model():
@@ -118,12 +133,16 @@ def test_vocal_changes_noise_prediction(trained):
 
 
 def test_condition_dropout_rates():
-    rates = ConditionDropout(text=0.3, vocal=0.6)
+    rates = ConditionDropout(recipe="independent", text=0.3, vocal=0.6)
     g = torch.Generator().manual_seed(0)
     keep_text, keep_vocal = condition_masks(40000, "voice_text", rates, g, train=True)
     assert 1 - keep_text.float().mean() == pytest.approx(0.3, abs=0.01)
     assert 1 - keep_vocal.float().mean() == pytest.approx(0.6, abs=0.01)
     assert (~keep_text & ~keep_vocal).float().mean() == pytest.approx(0.18, abs=0.01)  # independent
+    joint = ConditionDropout(recipe="joint", joint=0.2, text=0.3, vocal=0.6)  # audiocraft's recipe
+    keep_text, keep_vocal = condition_masks(40000, "voice_text", joint, g, train=True)
+    assert 1 - keep_text.float().mean() == pytest.approx(0.2 + 0.8 * 0.3, abs=0.01)
+    assert (~keep_text & ~keep_vocal).float().mean() == pytest.approx(0.2 + 0.8 * 0.18, abs=0.01)
     assert not condition_masks(1000, "voice", rates, g, train=True)[0].any()  # voice never shows the text
     assert not condition_masks(10, "voice", rates, g, train=False)[0].any()
     assert all(m.all() for m in condition_masks(1000, "voice_text", rates, g, train=False))
@@ -205,10 +224,21 @@ def test_missing_weights_folder_names_folder_and_files(tmp_path):
     with pytest.raises(WeightsNotFoundError) as err:
         AudioLDMBackend.from_preset(cfg, "audioldm-s")
     assert str(tmp_path / "audioldm-s") in str(err.value)
-    assert all(name in str(err.value) for name in REQUIRED_FILES)
+    assert all((name if isinstance(name, str) else name[0]) in str(err.value) for name in REQUIRED_FILES)
     (tmp_path / "audioldm-s" / "unet").mkdir(parents=True)
     with pytest.raises(WeightsNotFoundError, match="lacks unet/config.json"):
         AudioLDMBackend.from_preset(cfg, "audioldm-s")
+
+
+def test_a_folder_without_audioldms_text_encoder_is_refused(tmp_path):
+    """clap/ holds a CLAP text tower too, but not the one the UNet was trained with: never a silent fallback."""
+    import shutil
+    AudioLDMBackend.from_preset(config(), "tiny", seed=0).save(tmp_path / "w")
+    shutil.rmtree(tmp_path / "w" / "text_encoder")
+    with pytest.raises(WeightsNotFoundError, match="lacks text_encoder/config.json"):
+        AudioLDMBackend.from_preset(with_weights(config(), str(tmp_path / "w")), "real")
+    with pytest.raises(WeightsNotFoundError, match="no text_encoder/.*not used in its place"):
+        AudioLDMBackend.load(tmp_path / "w")
 
 
 def test_mismatched_components_are_refused():

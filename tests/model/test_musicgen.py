@@ -121,14 +121,23 @@ def test_melody_and_text_reach_the_logits(backend, items):
 
 def test_condition_dropout_rate_and_wiring(backend, items):
     rates, n = CFG.condition_dropout, 20000
-    drop_text, drop_chroma = backend.draw_condition_dropout(n, "voice_text", torch.Generator().manual_seed(1), True)
+    assert rates.recipe == "joint"  # audiocraft's: both together at `joint`, then each at its own rate
+    drop_text, drop_chroma = np.array(backend.draw_condition_dropout(n, "voice_text", torch.Generator().manual_seed(1),
+                                                                     True))
+    j = rates.joint
+    assert abs(drop_text.mean() - (j + (1 - j) * rates.text)) < 0.015
+    assert abs(drop_chroma.mean() - (j + (1 - j) * rates.chroma)) < 0.015
+    assert abs((drop_text & drop_chroma).mean() - (j + (1 - j) * rates.text * rates.chroma)) < 0.015
+    independent = MusicGenBackend(backend.model, backend.tokenizer, CFG.model_copy(
+        update={"condition_dropout": rates.model_copy(update={"recipe": "independent"})}))
+    drop_text, drop_chroma = independent.draw_condition_dropout(n, "voice_text", torch.Generator().manual_seed(1), True)
     assert abs(np.mean(drop_text) - rates.text) < 0.015 and abs(np.mean(drop_chroma) - rates.chroma) < 0.015
     assert np.corrcoef(drop_text, drop_chroma)[0, 1] < 0.03  # independent draws
     assert all(backend.draw_condition_dropout(50, "voice", torch.Generator(), True)[0])
     assert not any(sum(backend.draw_condition_dropout(50, "voice_text", None, False), []))  # validation: none
     # train_step really uses the draws: with both conditions always dropped, vocal and prompt stop mattering.
     always = MusicGenBackend(backend.model, backend.tokenizer, CFG.model_copy(
-        update={"condition_dropout": ConditionDropout(text=1.0, chroma=1.0)}))
+        update={"condition_dropout": ConditionDropout(joint=0.0, text=1.0, chroma=1.0)}))
     swapped = [{**items[0], "chroma": items[1]["chroma"], "prompt": "jazz"}]
     losses = [always.train_step(b, "voice_text", torch.Generator().manual_seed(0))[0].item()
               for b in ([items[0]], swapped)]
@@ -244,6 +253,35 @@ def test_generate_three_modes(backend):
     assert not np.array_equal(outs["voice"], backend.generate(vocal, 44100, None, 0.37, seed=4))
     with pytest.raises(ValueError, match="vocal, a prompt, or both"):
         backend.generate(None, SR, None, 1.0)
+
+
+def test_generated_codes_follow_the_melody_and_the_prompt(monkeypatch):
+    """Guards a known regression of the transformers port (generate() silently ignored melody, text and guidance;
+    fixed in 5.24): with the same seed, another melody or another prompt must give other codes.
+
+    A random-init decoder barely listens to its prefix (its code logits move by ~1e-4 with the prompt), so the
+    condition projections are amplified 10x: a model that does listen, which generate() must then honour."""
+    backend = build()
+    with torch.no_grad():
+        backend.model.enc_to_dec_proj.weight.mul_(10)
+        backend.model.audio_enc_to_dec_proj.weight.mul_(10)
+    codes = []
+    decode = backend.model.audio_encoder.decode
+
+    def recording_decode(audio_codes, *args, **kwargs):  # records the sampled codes, then decodes them as usual
+        codes.append(audio_codes.detach().clone())
+        return decode(audio_codes, *args, **kwargs)
+
+    monkeypatch.setattr(backend.model.audio_encoder, "decode", recording_decode)
+    vocal, _ = synth_stems(seed=6, seconds=1.0, sr=SR)
+    other_vocal, _ = synth_stems(seed=8, seconds=1.0, sr=SR)
+    disco, metal = "disco music for input vocals", "An aggressive metal track with drums and guitar."
+    for v, prompt in ((vocal, disco), (vocal, disco), (other_vocal, disco), (vocal, metal)):
+        backend.generate(v, SR, prompt, 0.5, seed=11)
+    same, melody, text = (torch.equal(codes[0], c) for c in codes[1:])
+    assert same and codes[0].shape[-1] == 25  # 0.5 s of 50 Hz frames, deterministic for a seed
+    assert not melody, "a different melody gave the same codes: generate() ignores the melody"
+    assert not text, "a different prompt gave the same codes: generate() ignores the text"
 
 
 # --- real weights: local folder and S3 --------------------------------------------------------------
