@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.data.track_cache import read_jsonl
 from tasks.data.versioning import data_version, pull, push, reproduce, track_raw
 from tests.conftest import write_track
 from v2m.config import DvcConfig, S3RemoteConfig
@@ -40,7 +41,10 @@ def test_repro_skips_unchanged_and_redoes_only_the_changed_track(project: Path) 
     assert reproduce(project) == []  # DVC: nothing changed, nothing runs
     assert data_version(project)["data_version"] == first["data_version"]
 
-    write_track(project / "data/raw", "t02", seed=123, seconds=12.0)
+    # A test-split track: a training track would also change the tiny base model, which is seeded from the
+    # first training chunks, and so every cached input (rightly: they depend on it).
+    changed = next(t["track_id"] for t in read_jsonl(project / "data/split/tracks.jsonl") if t["split"] == "test")
+    write_track(project / "data/raw", changed, seed=123, seconds=12.0)
     assert track_raw(project, "data/raw") is True
     assert reproduce(project) == STAGES  # DVC reruns every stage downstream of the raw data ...
     stats = stage_stats(project)
@@ -48,7 +52,7 @@ def test_repro_skips_unchanged_and_redoes_only_the_changed_track(project: Path) 
     assert [stats[s]["reused"] for s in PER_TRACK] == [5, 10, 5, 5]
     # ... and the model-input caches re-encode that track's chunks only.
     for cache in ("cache_musicgen", "cache_audioldm"):
-        chunks = [c for c in (project / "data/segments").glob(f"{cache.split('_')[1]}/t02/*_instrumental.wav")]
+        chunks = [c for c in (project / "data/segments").glob(f"{cache.split('_')[1]}/{changed}/*_instrumental.wav")]
         assert stats[cache]["processed"] == len(chunks) > 0
         assert stats[cache]["reused"] == stats[cache]["chunks"] - len(chunks)
     assert data_version(project)["data_version"] != first["data_version"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import mlflow
@@ -13,6 +12,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from flows.retrain import retrain
 from tests.flows.conftest import write_small_params
 from tasks.registry.registry import CHAMPION, alias_version
+from tasks.orchestration import retry_transient
 from tasks.training.finetune import finetune_task
 from v2m.config import load_params
 from v2m.tracking import setup_mlflow
@@ -51,17 +51,21 @@ def test_a_transient_storage_failure_is_retried_and_the_flow_completes(root: Pat
     p = load_params(root / "params.yaml")
     tcfg = p.train.musicgen.model_copy(update={"checkpoint_uri": "s3://ckpts/runs"})
     p = p.model_copy(update={"train": p.train.model_copy(update={"musicgen": tcfg})})
-    starter = threading.Timer(3.0, s3.start)
-    starter.start()
+
+    def start_s3_then_decide(task, task_run, state) -> bool:
+        """The storage comes back between the attempts: started when Prefect decides on the first retry."""
+        if s3.proc is None:
+            s3.start()
+        return retry_transient(task, task_run, state)
 
     @flow
     def train_once():
-        return finetune_task.with_options(retry_delay_seconds=8)(p, "musicgen", "voice", root, return_state=True)
+        return finetune_task.with_options(retry_delay_seconds=1, retry_condition_fn=start_s3_then_decide)(
+            p, "musicgen", "voice", root, return_state=True)
 
     try:
         state = train_once()
     finally:
-        starter.join()
         s3.stop()
     assert state.is_completed(), state
     assert state.state_details.task_run_id
