@@ -18,11 +18,8 @@ from v2m.config import load_params
 from v2m.tracking import setup_mlflow
 from v2m.s3server import SeaweedS3, free_port
 
+
 def test_retrain_end_to_end_then_an_unchanged_rerun_trains_nothing(small_project: Path, harness) -> None:
-    # Sanity is measured on the raw output: the tiny random-init AudioLDM's is near-silent (peak about
-    # -63 dBFS before peak normalisation), so its versions are refused by the sanity gate, rightly. This test
-    # is about the flow and its cache, so it lets sanity through (tests/code/test_registry.py tests the gate).
-    write_small_params(small_project, {"promotion": {"min_sanity_pass": 0.0}})
     first = retrain(project_dir=str(small_project))
     for backend, n_modes in (("musicgen", 2), ("audioldm", 3)):
         entry = first["backends"][backend]
