@@ -10,7 +10,6 @@ from prefect.client.orchestration import get_client
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.retrain import retrain
-from tests.flows.conftest import write_small_params
 from tasks.registry.registry import CHAMPION, alias_version
 from tasks.orchestration import retry_transient
 from tasks.training.finetune import finetune_task
