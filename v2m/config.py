@@ -14,6 +14,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from v2m.config_audioldm import AudioLDMConfig
 from v2m.config_base import Strict
+from v2m.config_listening import HumanPreferenceConfig, ListeningConfig
 from v2m.errors import UserError
 from v2m.config_musicgen import MusicGenConfig
 
@@ -182,6 +183,7 @@ class PromotionConfig(Strict):
     breakdown_max_regression: float = Field(0.05, ge=0)  # per language and per genre harmonic fit
     required_metrics: list[str] = ["eval/fad", "eval/harmonic_fit", "eval/chroma_cosine", "eval/sanity_pass"]
     manual_approval: bool = False
+    human_preference: HumanPreferenceConfig = HumanPreferenceConfig()  # the blind listening test's gate
 
 
 class RetrainConfig(Strict):
@@ -214,6 +216,7 @@ class Params(Strict):
     retrain: RetrainConfig = RetrainConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     promotion: PromotionConfig = PromotionConfig()
+    listening: ListeningConfig = ListeningConfig()
 
     @model_validator(mode="after")
     def _presets_exist(self) -> "Params":

@@ -122,6 +122,30 @@ def breakdowns(rows: list[dict[str, Any]], metric_names: list[str]) -> dict[str,
     return out
 
 
+def split_chunks(root: Path, backend: str, split: str, max_samples: int = 0) -> list[dict[str, Any]]:
+    """The chunks of a split, in manifest order (sample i of every evaluation is the same chunk)."""
+    chunks = [c for c in read_jsonl(root / "data" / "segments" / f"{backend}.jsonl") if c["split"] == split]
+    if max_samples:
+        chunks = chunks[:max_samples]
+    if not chunks:
+        raise EvaluationError(f"data/segments/{backend}.jsonl: no chunks in split {split!r} to evaluate on")
+    return chunks
+
+
+def generate_chunk(backend: Backend, chunk: dict[str, Any], index: int, seed: int, duration_s: float,
+                   conditioning: str, template: str):
+    """Sample `index` of a split as every evaluation generates it: the vocal cut to `duration_s` (0 = all),
+    its prompt if the model takes text, seed `seed + index`. Returns (vocal, sr, reference, ref_sr,
+    prompt, seed, output at backend.sample_rate)."""
+    vocal, sr = read_mono(chunk["vocals_path"])
+    reference, ref_sr = read_mono(chunk["instrumental_path"])
+    duration = min(len(vocal) / sr, duration_s or np.inf)
+    vocal, reference = vocal[: int(duration * sr)], reference[: int(duration * ref_sr)]
+    prompt = format_prompt(template, chunk) if conditioning == "voice_text" else None
+    out = backend.generate(vocal, sr, prompt, duration, seed=seed + index)
+    return vocal, sr, reference, ref_sr, prompt, seed + index, out
+
+
 def evaluate(params: Params, root: Path, ref: str, split: str | None = None) -> EvalResult:
     import mlflow
     root = Path(root).resolve()
@@ -132,11 +156,7 @@ def evaluate(params: Params, root: Path, ref: str, split: str | None = None) -> 
     name = backend.name
     conditioning, template = mode_settings(params, name, lineage["mode"])
     split = split or cfg.split
-    chunks = [c for c in read_jsonl(root / "data" / "segments" / f"{name}.jsonl") if c["split"] == split]
-    if cfg.max_samples:
-        chunks = chunks[: cfg.max_samples]
-    if not chunks:
-        raise EvaluationError(f"data/segments/{name}.jsonl: no chunks in split {split!r} to evaluate on")
+    chunks = split_chunks(root, name, split, cfg.max_samples)
     clap = embedder(params)
     clap_for_score = clap if isinstance(clap, ClapEmbedder) else None
 
@@ -152,13 +172,8 @@ def evaluate(params: Params, root: Path, ref: str, split: str | None = None) -> 
         if key:
             mlflow.set_tag("eval_key", key)
         for i, chunk in enumerate(chunks):
-            vocal, sr = read_mono(chunk["vocals_path"])
-            reference, ref_sr = read_mono(chunk["instrumental_path"])
-            duration = min(len(vocal) / sr, cfg.duration_s or np.inf)
-            vocal, reference = vocal[: int(duration * sr)], reference[: int(duration * ref_sr)]
-            prompt = format_prompt(template, chunk) if conditioning == "voice_text" else None
-            seed = cfg.seed + i
-            out = backend.generate(vocal, sr, prompt, duration, seed=seed)
+            vocal, sr, reference, ref_sr, prompt, seed, out = generate_chunk(backend, chunk, i, cfg.seed,
+                                                                             cfg.duration_s, conditioning, template)
             metrics = compute_sample_metrics(vocal, sr, out, backend.sample_rate, chunk, prompt=prompt,
                                              clap=clap_for_score)
             rows.append({"chunk_id": chunk["chunk_id"], "track_id": chunk["track_id"], "genre": chunk["genre"],

@@ -39,6 +39,7 @@ class Gate:
     name: str
     passed: bool
     detail: str
+    waiting: bool = False  # not enough evidence yet (e.g. listening votes): the promotion waits, it is not refused
 
 
 @dataclass
@@ -54,8 +55,13 @@ class Decision:
     def passed(self) -> bool:
         return all(g.passed for g in self.gates)
 
+    @property
+    def waiting(self) -> bool:
+        """Only waiting gates stand in the way: run promote again once the evidence is in."""
+        return not self.passed and all(g.passed or g.waiting for g in self.gates)
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
+        return {**asdict(self), "passed": self.passed, "waiting": self.waiting}
 
 
 def _finite(x: float | None) -> bool:
@@ -123,7 +129,7 @@ def registry_lock(root: Path, backend: str, timeout_s: float = 120.0):
 
 
 def _record(client: MlflowClient, name: str, d: Decision) -> None:
-    for key, value in {"promotion.decision": "promoted" if d.promoted else "refused",
+    for key, value in {"promotion.decision": "promoted" if d.promoted else "waiting" if d.waiting else "refused",
                        "promotion.reason": d.reason[:4000],
                        "promotion.champion_before": str(d.champion_before),
                        "promotion.gates": json.dumps({g.name: g.passed for g in d.gates}),
@@ -131,7 +137,8 @@ def _record(client: MlflowClient, name: str, d: Decision) -> None:
         client.set_model_version_tag(name, d.version, key, value)
 
 
-def decide(params: Params, backend: str, version: str | None = None, approved: bool = False) -> Decision:
+def decide(params: Params, backend: str, version: str | None = None, approved: bool = False,
+           root: Path = Path(".")) -> Decision:
     """Evaluate the gates for `version` (default: the challenger) against the current champion."""
     version = version or alias_version(backend, CHALLENGER)
     if version is None:
@@ -140,13 +147,17 @@ def decide(params: Params, backend: str, version: str | None = None, approved: b
     d = Decision(backend, str(version), champion)
     champ_metrics = eval_metrics(backend, champion) if champion and champion != str(version) else None
     d.gates = gates(eval_metrics(backend, str(version)), champ_metrics, params.promotion, approved)
+    if params.promotion.human_preference.required:
+        from tasks.listening.gate import human_preference
+        hp = human_preference(params, root, backend, str(version), champion)
+        d.gates.append(Gate(hp.name, hp.passed, hp.reason, waiting=hp.waiting))
     return d
 
 
 def promote(params: Params, root: Path, backend: str, version: str | None = None, approved: bool = False,
             decision: Decision | None = None) -> Decision:
     """Move `champion` to the candidate if every gate passes and the champion has not changed meanwhile."""
-    d = decision or decide(params, backend, version, approved)
+    d = decision or decide(params, backend, version, approved, root)
     client, name = MlflowClient(), model_name(backend)
     with registry_lock(root, backend):
         now = alias_version(backend, CHAMPION)
@@ -155,8 +166,10 @@ def promote(params: Params, root: Path, backend: str, version: str | None = None
         elif d.version == now:  # nothing to decide (an unchanged re-run): no tags, no audit entry
             d.reason = f"v{d.version} is already champion"
             return d
+        elif d.waiting:
+            d.reason = "waiting on gates: " + ", ".join(g.name for g in d.gates if g.waiting)
         elif not d.passed:
-            d.reason = "failed gates: " + ", ".join(g.name for g in d.gates if not g.passed)
+            d.reason = "failed gates: " + ", ".join(g.name for g in d.gates if not g.passed and not g.waiting)
         else:
             client.set_registered_model_alias(name, CHAMPION, d.version)
             d.promoted, d.reason = True, "all gates passed"
@@ -169,7 +182,7 @@ def promote(params: Params, root: Path, backend: str, version: str | None = None
                 else:
                     client.delete_registered_model_alias(name, CHAMPION)
             raise
-        audit(params, root, backend, "promote" if d.promoted else "refuse", d.version, d.champion_before,
+        audit(params, root, backend, "promote" if d.promoted else "wait" if d.waiting else "refuse", d.version, d.champion_before,
               alias_version(backend, CHAMPION), d.as_dict())
     return d
 
