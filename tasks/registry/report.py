@@ -98,8 +98,9 @@ def _table(title: str, row_names: list[str], columns: list[str], cell) -> str:
     return f"<h2>{html.escape(title)}</h2><table data-table=\"{html.escape(title)}\"><tr><th></th>{head}</tr>{body}</table>"
 
 
-def build_report(evals: list[ModelEval], out: Path) -> Path:
-    """Write out/index.html with audio/ and img/ next to it; every link is relative."""
+def build_report(evals: list[ModelEval], out: Path, listening: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write out/index.html with audio/ and img/ next to it; every link is relative. `listening`: the
+    blind listening test's results per model ref (tasks/listening/report.py), shown after the metrics."""
     (out / "audio").mkdir(parents=True, exist_ok=True)
     (out / "img").mkdir(exist_ok=True)
     names = [e.ref for e in evals]
@@ -114,6 +115,9 @@ def build_report(evals: list[ModelEval], out: Path) -> Path:
         parts.append(_table(f"{title} (harmonic fit, chroma cosine, tempo agreement)", rows, names,
                             lambda r, ref, label=label: next(e for e in evals if e.ref == ref).metrics.get(
                                 f"eval/{label}/{r.split(' / ')[0]}/{r.split(' / ')[1]}", float("nan"))))
+    if listening:
+        from tasks.listening.report import section
+        parts.append(section(listening, names, _table))
     # Per test vocal: the chunks whose audio every evaluation logged (the same first chunks of the split).
     chunk_sets = [{p.name.rsplit("_", 1)[0] for p in e.audio_dir.glob("*_output.wav")} for e in evals]
     shared = sorted(set.intersection(*chunk_sets)) if chunk_sets else []
@@ -158,7 +162,8 @@ def compare(params: Params, root: Path, refs: list[str]) -> tuple[Path, list[Mod
     out = root / ".v2m" / "reports" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     scratch = out / ".downloads"
     evals = [load_eval(ref, eval_run_for(params, root, ref), scratch / str(i)) for i, ref in enumerate(refs)]
-    index = build_report(evals, out)
+    from tasks.listening.report import listening_results
+    index = build_report(evals, out, listening_results(refs, scratch / "listening"))
     shutil.rmtree(scratch, ignore_errors=True)
     with mlflow.start_run(experiment_id=experiment_id(EXPERIMENTS["evaluation"], params, root),
                           run_name="compare " + " vs ".join(refs)) as run:
