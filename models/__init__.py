@@ -3,6 +3,8 @@ by name is the only place the rest of the code knows there are two."""
 
 from __future__ import annotations
 
+import v2m  # noqa: F401  first: this process's numba cache slot (v2m/numba_cache.py)
+
 BACKENDS = ("musicgen", "audioldm")
 
 

@@ -130,6 +130,7 @@ def data_split(labelled_dir: Path, out: OutOpt = Path("data/split"), params: Par
     for name, r in res["report"].items():
         console.print(f"{name:5s}: {r['tracks']:4d} tracks, {len(r['artists'])} artists, "
                       f"genres {r['genres']}, languages {r['languages']}", highlight=False)
+    console.print(f"new artists placed: {len(res['new_artists'])}; every earlier artist kept its split")
 
 
 @data_app.command("segment")

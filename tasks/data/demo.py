@@ -25,6 +25,7 @@ import numpy as np
 
 from tasks.data import render, voice
 from tasks.data.chorales import DEFAULT_CACHE_DIR, Chorale, loop_and_cut, pick_chorales
+from v2m import numba_cache
 from v2m.audio import write_wav
 from v2m.config import DemoConfig
 
@@ -153,7 +154,7 @@ def build_demo_dataset(out_dir: Path, cfg: DemoConfig, seed: int, cache_dir: Pat
                 if progress:
                     progress(len(rows), len(plans))
         else:
-            with ProcessPoolExecutor(workers) as pool:
+            with ProcessPoolExecutor(workers, initializer=numba_cache.worker_init) as pool:
                 futures = {pool.submit(job, p): p.index for p in plans}
                 for fut in as_completed(futures):
                     rows[futures[fut]] = fut.result()

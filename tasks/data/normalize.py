@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.data.track_cache import (cache_key, code_version, read_jsonl, run_per_track,
+from tasks.data.track_cache import (cache_key, code_version, confined, read_jsonl, run_per_track,
                                     write_jsonl, write_stats)
 from v2m.audio import integrated_loudness, peak_dbfs, read_audio, resample, to_mono, write_wav
 from v2m.config import NormalizeConfig
@@ -60,7 +60,7 @@ def normalize_stem(item: dict[str, Any], cfg: NormalizeConfig, out_dir: Path) ->
     gain = loudness_gain_db(resampled[lowest], lowest, cfg, max(map(peak_dbfs, resampled.values())))
     paths = {}
     for target, out in resampled.items():
-        path = out_dir / item["track"] / f"{stem}_{rate_tag(target)}.wav"
+        path = confined(out_dir, item["track"], f"{stem}_{rate_tag(target)}.wav")
         write_wav(path, out, target, gain=10 ** (gain / 20))
         paths[f"{stem}_{rate_tag(target)}"] = str(path)
     return {"paths": paths, "gain_db": round(gain, 3), "outputs": list(paths.values())}

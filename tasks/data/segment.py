@@ -20,7 +20,7 @@ import numpy as np
 import soundfile as sf
 
 from tasks.data.normalize import rate_tag
-from tasks.data.track_cache import (cache_key, code_version, read_jsonl, run_per_track,
+from tasks.data.track_cache import (cache_key, code_version, confined, read_jsonl, run_per_track,
                                     write_jsonl, write_stats)
 from v2m.audio import frame_rms_db, write_wav
 from v2m.config import ChunkConfig, NormalizeConfig, SegmentConfig
@@ -76,7 +76,7 @@ def segment_track(rec: dict[str, Any], cfg: SegmentConfig, norm: NormalizeConfig
             if active < cfg.min_vocal_active:
                 dropped += 1
                 continue
-            base = out_dir / backend / rec["track_id"] / f"{i:03d}"
+            base = confined(out_dir, backend, rec["track_id"]) / f"{i:03d}"
             item = {"chunk_id": f"{rec['track_id']}-{backend}-{i:03d}", "index": i,
                     "start_s": s / sr, "end_s": e / sr, "sample_rate": sr, "vocal_active": round(active, 3),
                     "vocals_path": f"{base}_vocals.wav", "instrumental_path": f"{base}_instrumental.wav"}

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from v2m import numba_cache
 from v2m.errors import UserError
 
 CACHE_DIR = ".cache"
@@ -67,8 +68,26 @@ def _pool(n_workers: int) -> ProcessPoolExecutor:
     if pool is None or getattr(pool, "_broken", False):
         threaded = THREADED_LIBRARIES & sys.modules.keys()
         ctx = mp.get_context("forkserver" if threaded else "fork")
-        pool = _POOLS[n_workers] = ProcessPoolExecutor(n_workers, mp_context=ctx)
+        pool = _POOLS[n_workers] = ProcessPoolExecutor(n_workers, mp_context=ctx,
+                                                        initializer=numba_cache.worker_init)
     return pool
+
+
+def entry_name(track_id: str) -> str:
+    """The cache file of a record. Ids come from the data (metadata.csv, folder names) and may be hostile
+    (`..`, absolute paths, NUL, 300 characters): only a hash of the id ever becomes a file name."""
+    return hashlib.sha256(track_id.encode("utf-8", "surrogatepass")).hexdigest()[:32] + ".json"
+
+
+def confined(base: Path, *parts: str) -> Path:
+    """`base/parts...`, refusing any part that could leave `base` (separators, `..`, NUL, absolute)."""
+    for part in parts:
+        if not part or part in (".", "..") or "/" in part or "\\" in part or "\0" in part or len(part) > 255:
+            raise StageError(f"{base}: refusing to write under the name {part[:80]!r}: not a plain file name")
+    path = Path(base).joinpath(*parts)
+    if not path.resolve().is_relative_to(Path(base).resolve()):
+        raise StageError(f"{path}: resolves outside {base}")
+    return path
 
 
 def cache_key(*parts: Any) -> str:
@@ -92,8 +111,10 @@ def _outputs_exist(result: dict[str, Any]) -> bool:
     return all(Path(p).exists() for p in result.get("outputs", []))
 
 
-def _remove_outputs(result: dict[str, Any]) -> None:
+def _remove_outputs(result: dict[str, Any], out_dir: Path) -> None:
     for p in map(Path, result.get("outputs", [])):
+        if not p.resolve().is_relative_to(out_dir.resolve()):
+            continue  # only ever delete inside this stage's own output
         p.unlink(missing_ok=True)
         if p.parent.is_dir() and not any(p.parent.iterdir()):
             p.parent.rmdir()
@@ -128,7 +149,7 @@ def run_per_track(
 
     for rec in records:
         key = key_fn(rec)
-        entry_path = cache / f"{rec['track_id']}.json"
+        entry_path = cache / entry_name(rec["track_id"])
         if entry_path.exists():
             entry = json.loads(entry_path.read_text())
             if entry.get("key") == key and _outputs_exist(entry["result"]):
@@ -138,11 +159,15 @@ def run_per_track(
         todo.append((rec, key))
 
     # Tracks that left the input: drop their outputs and cache entries.
-    wanted = {r["track_id"] for r in records}
+    wanted = {entry_name(r["track_id"]) for r in records}
     for entry_path in cache.glob("*.json"):
-        if entry_path.stem not in wanted:
-            _remove_outputs(json.loads(entry_path.read_text())["result"])
-            shutil.rmtree(out_dir / entry_path.stem, ignore_errors=True)
+        if entry_path.name not in wanted:
+            entry = json.loads(entry_path.read_text())
+            _remove_outputs(entry["result"], out_dir)
+            try:
+                shutil.rmtree(confined(out_dir, entry.get("track_id", entry_path.stem)), ignore_errors=True)
+            except StageError:
+                pass  # an id that was never a folder name never got a folder
             entry_path.unlink()
             stats.removed += 1
 
@@ -154,7 +179,7 @@ def run_per_track(
     def _finish(rec: dict[str, Any], key: str, result: dict[str, Any]) -> None:
         nonlocal done
         results[rec["track_id"]] = result
-        _write_json_atomic(cache / f"{rec['track_id']}.json", {"key": key, "result": result})
+        _write_json_atomic(cache / entry_name(rec["track_id"]), {"key": key, "track_id": rec["track_id"], "result": result})
         stats.processed += 1
         done += 1
         if progress:

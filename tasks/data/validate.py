@@ -25,7 +25,7 @@ from v2m.errors import UserError
 METADATA_FILE = "metadata.csv"
 METADATA_COLUMNS = ("track_id", "artist", "title", "genre", "bpm", "key", "mood", "language")
 STEMS = ("vocals", "instrumental")
-TRACK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+TRACK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # always used with fullmatch: a plain folder name
 KEY = re.compile(r"^([A-G])([#b]?) (major|minor)$")
 LANGUAGE = re.compile(r"^[a-z]{2,3}$")
 
@@ -152,8 +152,10 @@ def validate_track(rec: dict[str, Any], cfg: ValidateConfig) -> dict[str, Any]:
     """Check one track. Returns {"ok": record} or {"rejected": report entry}."""
     root, tid = Path(rec["root"]), rec["track_id"]
     try:
-        if not TRACK_ID.match(tid) or not (root / tid).resolve().is_relative_to(root.resolve()):
-            raise Rejected("path_escape", root / tid, f"{root / tid}: track_id {tid!r} is not a plain folder name")
+        if not TRACK_ID.fullmatch(tid) or not (root / tid).resolve().is_relative_to(root.resolve()):
+            raise Rejected("path_escape", root / METADATA_FILE,
+                           f"{root}: track_id {tid[:80]!r} is not a plain folder name "
+                           "(ASCII letters, digits, _ . -, at most 128 characters)")
         if rec["row"] is None:
             raise Rejected("metadata_missing", root / METADATA_FILE,
                            f"{root / METADATA_FILE}: no row for track_id {tid!r}")
@@ -203,7 +205,7 @@ def validate_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: ValidateConf
     folders = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
     track_ids = sorted(folders | set(rows))
     records = [{"root": str(root), "track_id": tid, "row": rows.get(tid),
-                "stat": _stem_stats(root / tid) if tid in folders and TRACK_ID.match(tid) else {}}
+                "stat": _stem_stats(root / tid) if tid in folders and TRACK_ID.fullmatch(tid) else {}}
                for tid in track_ids]
     version = code_version(__file__)
     key_fn = lambda r: cache_key("validate", version, cfg.model_dump(), r)  # noqa: E731
