@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.data.track_cache import confined
 from tasks.orchestration import params_hash
 from v2m.audio import read_mono, resample, write_wav
 from v2m.config import Params
@@ -144,7 +145,7 @@ def prepare(params: Params, root: Path, backend: str, models: list[str] | None =
     for model in pair:
         key = params_hash(model, duration, cfg.split, cfg.seed, data_version, [c["chunk_id"] for c in chunks])
         folder = root / ".v2m" / "listening" / "clips" / f"{model.replace('/', '-')}-{key[:12]}"
-        paths = {c["chunk_id"]: folder / f"{c['chunk_id']}.wav" for c in chunks}
+        paths = {c["chunk_id"]: confined(folder, f"{c['chunk_id']}.wav") for c in chunks}  # ids come from data
         missing = [i for i, c in enumerate(chunks) if not paths[c["chunk_id"]].is_file()]
         if missing:
             cached = _cached_eval_audio(model, duration, cfg.split, cfg.seed, data_version, folder / ".eval")
