@@ -132,6 +132,7 @@ def _cached_eval_audio(model: str, duration: float, split: str, seed: int, data_
 def prepare(params: Params, root: Path, backend: str, models: list[str] | None = None,
             progress=None) -> ListeningSet:
     """Resolve the pair and make sure every clip exists; generation happens only for clips not on disk."""
+    from models import configure_torch
     from tasks.evaluation.evaluate import generate_chunk, load_for_eval, split_chunks
     from tasks.training.finetune import data_version_of, mode_settings
     root = Path(root).resolve()
@@ -156,6 +157,7 @@ def prepare(params: Params, root: Path, backend: str, models: list[str] | None =
                     (vocal, vsr), (out, sr) = (read_mono(f) for f in cached[chunk["chunk_id"]])
                 else:
                     if loaded is None:  # load the model only when some clip has to be generated
+                        configure_torch(params.torch_threads)
                         b, lineage = load_for_eval(params, root, model)
                         loaded = (b, *mode_settings(params, b.name, lineage["mode"]))
                     b, conditioning, template = loaded

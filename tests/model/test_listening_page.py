@@ -67,6 +67,7 @@ def pair(root: Path):
     The metric gates other than FAD are relaxed: this test is about the listeners' gate."""
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["listening"] = {"max_chunks": 3}
+    raw["evaluation"] = {**raw["evaluation"], "max_samples": 3}  # audio_samples 1: one clip reused, two generated
     raw["promotion"] = {**raw.get("promotion", {}), "harmonic_fit_max_drop": 1.0, "breakdown_max_regression": 1.0,
                         "human_preference": {"required": True, "min_votes": MIN_VOTES, "min_lower_bound": 0.5}}
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
