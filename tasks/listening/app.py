@@ -19,6 +19,7 @@ import socket
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
@@ -137,6 +138,11 @@ def create_app(params: Params, root: Path, ls: ListeningSet) -> FastAPI:
     """The stand-alone listening server of `v2m listen`: the router at /listen, / redirects there."""
     app = FastAPI(title="voice2music listening test", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(create_router(params, root, ls), prefix="/listen")
+
+    @app.exception_handler(RequestValidationError)
+    def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return _error(422, "invalid_request", where)
 
     @app.get("/", include_in_schema=False)
     def home() -> RedirectResponse:

@@ -122,8 +122,8 @@ class VoteStore:
         with self._db() as db:
             same = db.execute("SELECT * FROM votes WHERE vote_id = ?", (vote_id,)).fetchone()
             if same is not None:
-                if (same["trial_id"], same["answer"], same["rating_a"], same["rating_b"]) != (
-                        trial_id, answer, rating_a, rating_b):
+                if (same["trial_id"], same["listener"], same["answer"], same["rating_a"], same["rating_b"]) != (
+                        trial_id, listener.strip(), answer, rating_a, rating_b):
                     raise VoteError(f"vote {vote_id!r} was already stored with other content")
                 return dict(same), False
             t = db.execute("SELECT * FROM trials WHERE trial_id = ?", (trial_id,)).fetchone()

@@ -144,6 +144,8 @@ def test_api_refuses_bad_votes_and_trusts_the_auth_header(tmp_path: Path, monkey
     assert client.get("/listen/audio/unknown/A").json()["error"] == "not_found"
     body = {"vote_id": "v1", "trial_id": trial, "listener": "carol", "answer": "A"}
     assert client.post("/listen/api/votes", json={**body, "answer": "maybe"}).status_code == 400
+    missing = client.post("/listen/api/votes", json={"answer": "A"})
+    assert missing.status_code == 422 and "vote_id" in missing.json()["detail"]
     assert client.post("/listen/api/votes", json={**body, "listener": "mallory"}).status_code == 400
     res = client.post("/listen/api/votes", json={**body, "listener": "x"}, headers={"X-Forwarded-User": "carol"})
     assert res.status_code == 200 and res.json()["stored"] is True  # the header, not the typed name, says who
