@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from models import configure_torch, get_backend, save_model
 from models.base import Backend
-from tasks.data.track_cache import cache_key, code_version, read_jsonl, run_per_track, write_jsonl, write_stats
+from tasks.data.track_cache import cache_key, code_version, module_closure, read_jsonl, run_per_track, write_jsonl, write_stats
 from v2m.audio import read_mono
 from v2m.config import Params
 
@@ -32,8 +32,9 @@ META_KEYS = ("chunk_id", "track_id", "split", "artist", "title", "genre", "mood"
 
 
 def backend_code_version(name: str) -> str:
-    return code_version(*sorted(Path(__file__).resolve().parents[2].joinpath("models").glob(f"{name}*.py")),
-                        Path(__file__).resolve().parents[2] / "models" / "base.py")
+    """The code a backend's cached inputs depend on: this module's closure, less the other backends."""
+    from models import BACKENDS
+    return code_version(*module_closure(__file__, exclude=tuple(f"models/{b}" for b in BACKENDS if b != name)))
 
 
 def load_base(params: Params, name: str, cache_dir: Path, manifest: list[dict[str, Any]] | None = None,

@@ -19,7 +19,7 @@ import librosa
 import numpy as np
 import scipy.ndimage
 
-from tasks.data.track_cache import (cache_key, code_version, read_jsonl, run_per_track,
+from tasks.data.track_cache import (cache_key, code_version, module_closure, read_jsonl, run_per_track,
                                     write_jsonl, write_stats)
 from v2m.audio import read_mono, resample
 from v2m.config import LabelConfig
@@ -159,7 +159,7 @@ def label_dataset(normalized_dir: str | Path, out_dir: str | Path, cfg: LabelCon
                   audioldm_sr: int, workers: int = 0, progress=None) -> dict[str, Any]:
     out_dir = Path(out_dir)
     records = read_jsonl(Path(normalized_dir) / "tracks.jsonl")
-    version = code_version(__file__)
+    version = code_version(*module_closure(__file__))  # this stage's code and every helper it runs
     key_fn = lambda r: cache_key("label", version, cfg.model_dump(), r)  # noqa: E731
     results, stats = run_per_track("label", records, key_fn,
                                    partial(label_track, cfg=cfg, audioldm_sr=audioldm_sr),

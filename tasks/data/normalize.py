@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.data.track_cache import (cache_key, code_version, confined, read_jsonl, run_per_track,
+from tasks.data.track_cache import (cache_key, code_version, module_closure, confined, read_jsonl, run_per_track,
                                     write_jsonl, write_stats)
 from v2m.audio import integrated_loudness, peak_dbfs, read_audio, resample, to_mono, write_wav
 from v2m.config import NormalizeConfig
@@ -75,7 +75,7 @@ def normalize_dataset(validated_dir: str | Path, out_dir: str | Path, cfg: Norma
     items = [{"track_id": f"{r['track_id']}.{stem}", "track": r["track_id"], "stem": stem,
               "path": r[f"{stem}_path"], "sha256": r[f"{stem}_sha256"]}
              for r in records for stem in stem_rates(cfg)]
-    version = code_version(__file__)
+    version = code_version(*module_closure(__file__))  # this stage's code and every helper it runs
     key_fn = lambda it: cache_key("normalize", version, cfg.model_dump(), it)  # noqa: E731
     done, stats = run_per_track("normalize", items, key_fn, partial(normalize_stem, cfg=cfg, out_dir=out_dir),
                                 out_dir, workers, progress)

@@ -20,7 +20,7 @@ import numpy as np
 import soundfile as sf
 
 from tasks.data.normalize import rate_tag
-from tasks.data.track_cache import (cache_key, code_version, confined, read_jsonl, run_per_track,
+from tasks.data.track_cache import (cache_key, code_version, module_closure, confined, read_jsonl, run_per_track,
                                     write_jsonl, write_stats)
 from v2m.audio import frame_rms_db, write_wav
 from v2m.config import ChunkConfig, NormalizeConfig, SegmentConfig
@@ -97,7 +97,7 @@ def segment_dataset(split_dir: str | Path, out_dir: str | Path, cfg: SegmentConf
                     norm: NormalizeConfig, workers: int = 0, progress=None) -> dict[str, Any]:
     out_dir = Path(out_dir)
     tracks = read_jsonl(Path(split_dir) / "tracks.jsonl")
-    version = code_version(__file__)
+    version = code_version(*module_closure(__file__))  # this stage's code and every helper it runs
     # The split is not part of the key: moving a track between splits rewrites the manifest, not audio.
     key_fn = lambda r: cache_key("segment", version, cfg.model_dump(), norm.model_dump(),  # noqa: E731
                                  {k: v for k, v in r.items() if k != "split"})

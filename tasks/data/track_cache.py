@@ -14,6 +14,7 @@ Work runs in a process pool; `fn(record) -> record` must be a picklable top-leve
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import multiprocessing as mp
@@ -95,11 +96,50 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+PROJECT = Path(__file__).resolve().parents[2]
+PACKAGES = ("v2m", "tasks", "flows", "models")
+# Modules that only declare settings, errors or process set-up: what they mean for an output reaches the
+# cache keys as the settings' values, so editing them (a new params section, say) re-does nothing.
+NOT_CODE = {"v2m/__init__.py", "tasks/__init__.py", "flows/__init__.py", "v2m/config.py", "v2m/config_base.py", "v2m/config_musicgen.py",
+            "v2m/config_audioldm.py", "v2m/errors.py", "v2m/numba_cache.py"}
+
+
+def module_closure(*files: str | Path, exclude: tuple[str, ...] = ()) -> list[Path]:
+    """The project source files that `files` run: themselves plus every project module they import,
+    directly or through others (imports inside functions count), minus NOT_CODE and paths starting with
+    one of `exclude`. This is what a stage's output depends on, so it is what its cache key hashes and
+    what dvc.yaml lists as the stage's code deps (tests/code/test_dvc_deps.py checks they agree)."""
+    seen: set[Path] = set()
+    todo = [Path(f).resolve() for f in files]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] not in PACKAGES:
+                    continue
+                module = PROJECT / name.replace(".", "/")
+                for target in (module.with_suffix(".py"), module / "__init__.py"):  # a module, or a package
+                    if target.is_file():
+                        todo.append(target)
+    rel = sorted(p.relative_to(PROJECT).as_posix() for p in seen)
+    return [PROJECT / r for r in rel if r not in NOT_CODE and not r.startswith(exclude)]
+
+
 def code_version(*files: str | Path) -> str:
-    """Hash of the source files a stage runs, so editing the code invalidates its cache."""
+    """Hash of the source files a stage runs (pass module_closure(...)), so editing the code invalidates its cache."""
     h = hashlib.sha256()
-    for f in files:
-        h.update(Path(f).read_bytes())
+    for f in sorted(map(Path, files)):
+        h.update(f.as_posix().encode())  # renaming or moving a file is a change too
+        h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 

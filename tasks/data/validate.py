@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from tasks.data.track_cache import (cache_key, code_version, run_per_track, write_jsonl,
+from tasks.data.track_cache import (cache_key, code_version, module_closure, run_per_track, write_jsonl,
                                     write_stats)
 from v2m.audio import AUDIO_SUFFIXES, file_sha256, peak_dbfs, read_audio
 from v2m.config import ValidateConfig
@@ -186,11 +186,12 @@ def validate_track(rec: dict[str, Any], cfg: ValidateConfig) -> dict[str, Any]:
 
 
 def _stem_stats(track_dir: Path) -> dict[str, list]:
-    """(name, size, mtime) of whatever stem files are present: a cheap change detector for the cache key,
-    as git and DVC do; the content hashes themselves are computed by the workers."""
+    """(name, where it resolves to, size, mtime) of whatever stem files are present: a cheap change
+    detector for the cache key, as git and DVC do; the content hashes themselves are computed by the
+    workers. Links are followed: a stem behind a symlink changes when its target or the target's content does."""
     out: dict[str, list] = {}
     for stem in STEMS:
-        out[stem] = [[p.name, p.lstat().st_size, p.lstat().st_mtime_ns]
+        out[stem] = [[p.name, str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
                      for p in sorted(track_dir.glob(f"{stem}.*")) if p.is_file()]
     return out
 
@@ -207,7 +208,7 @@ def validate_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: ValidateConf
     records = [{"root": str(root), "track_id": tid, "row": rows.get(tid),
                 "stat": _stem_stats(root / tid) if tid in folders and TRACK_ID.fullmatch(tid) else {}}
                for tid in track_ids]
-    version = code_version(__file__)
+    version = code_version(*module_closure(__file__))  # this stage's code and every helper it runs
     key_fn = lambda r: cache_key("validate", version, cfg.model_dump(), r)  # noqa: E731
     results, stats = run_per_track("validate", records, key_fn, partial(validate_track, cfg=cfg),
                                    out_dir, workers, progress)
