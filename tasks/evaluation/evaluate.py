@@ -122,11 +122,13 @@ def breakdowns(rows: list[dict[str, Any]], metric_names: list[str]) -> dict[str,
     return out
 
 
-def split_chunks(root: Path, backend: str, split: str, max_samples: int = 0) -> list[dict[str, Any]]:
-    """The chunks of a split, in manifest order (sample i of every evaluation is the same chunk)."""
-    chunks = [c for c in read_jsonl(root / "data" / "segments" / f"{backend}.jsonl") if c["split"] == split]
-    if max_samples:
-        chunks = chunks[:max_samples]
+def eval_chunks(params: Params, root: Path, backend: str, split: str | None = None) -> list[dict[str, Any]]:
+    """The segment-manifest records an evaluation scores: the split's chunks, capped at max_samples."""
+    split = split or params.evaluation.split
+    manifest = Path(root) / "data" / "segments" / f"{backend}.jsonl"
+    chunks = [c for c in read_jsonl(manifest) if c["split"] == split] if manifest.is_file() else []
+    if params.evaluation.max_samples:
+        chunks = chunks[: params.evaluation.max_samples]
     if not chunks:
         raise EvaluationError(f"data/segments/{backend}.jsonl: no chunks in split {split!r} to evaluate on")
     return chunks
@@ -156,7 +158,7 @@ def evaluate(params: Params, root: Path, ref: str, split: str | None = None) -> 
     name = backend.name
     conditioning, template = mode_settings(params, name, lineage["mode"])
     split = split or cfg.split
-    chunks = split_chunks(root, name, split, cfg.max_samples)
+    chunks = eval_chunks(params, root, name, split)
     clap = embedder(params)
     clap_for_score = clap if isinstance(clap, ClapEmbedder) else None
 

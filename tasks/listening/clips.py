@@ -133,13 +133,13 @@ def prepare(params: Params, root: Path, backend: str, models: list[str] | None =
             progress=None) -> ListeningSet:
     """Resolve the pair and make sure every clip exists; generation happens only for clips not on disk."""
     from models import configure_torch
-    from tasks.evaluation.evaluate import generate_chunk, load_for_eval, split_chunks
+    from tasks.evaluation.evaluate import eval_chunks, generate_chunk, load_for_eval
     from tasks.training.finetune import data_version_of, mode_settings
     root = Path(root).resolve()
     pair, roles = resolve_pair(backend, models)
     cfg, lcfg = params.evaluation, params.listening
     duration = lcfg.duration_s or cfg.duration_s
-    chunks = split_chunks(root, backend, cfg.split)[: lcfg.max_chunks]
+    chunks = eval_chunks(params, root, backend)[: lcfg.max_chunks]
     data_version = data_version_of(root)
     ls = ListeningSet(backend, pair, roles, [{k: c.get(k) for k in ("chunk_id", "genre", "language")}
                                              for c in chunks])
