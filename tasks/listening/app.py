@@ -1,5 +1,8 @@
-"""The blind A/B page and its JSON API, as a FastAPI router (mounted at /listen by `v2m listen`; the serving
-app can include the same router under the same prefix).
+"""The blind A/B page and its JSON API, as a FastAPI router: mounted at /listen by `v2m listen`; another app
+(the serving app) mounts the same router at the same prefix, its clips prepared in the background:
+
+    app.include_router(create_router(params, root, BackgroundListeningSet(params, root, backend)), prefix="/listen")
+    app.add_exception_handler(NotReady, not_ready)
 
     GET  ""                      the page
     GET  /api/whoami             the listener named by the team's auth header, if any
@@ -9,13 +12,14 @@ app can include the same router under the same prefix).
     GET  /api/results            the statistics for the pair (with the models' names: for after voting)
     GET  /api/votes              every vote on the pair, as stored
 
-Errors are JSON {"error", "detail"} with a 4xx status.
+Errors are JSON {"error", "detail"}: 4xx for the request's fault, 503 while there is no listening set yet.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
@@ -25,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from tasks.listening.clips import ListeningSet
 from tasks.listening.gate import record, store_for
+from tasks.listening.lazy import NotReady
 from tasks.listening.stats import summarize
 from tasks.listening.store import VoteError
 from v2m.config import Params
@@ -61,7 +66,9 @@ def _error(status: int, error: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status)
 
 
-def create_router(params: Params, root: Path, ls: ListeningSet) -> APIRouter:
+def create_router(params: Params, root: Path, source: ListeningSet | Callable[[], ListeningSet]) -> APIRouter:
+    """The routes over a prepared ListeningSet, or a callable giving the current one (lazy.py's
+    BackgroundListeningSet, which raises NotReady -> 503 while the clips are prepared)."""
     store = store_for(params, root)
     header = params.listening.auth_header
     router = APIRouter()
@@ -69,6 +76,9 @@ def create_router(params: Params, root: Path, ls: ListeningSet) -> APIRouter:
     def listener_of(request: Request, typed: str) -> str:
         # The auth proxy's header wins over a typed name: a signed-in listener cannot vote as someone else.
         return (request.headers.get(header, "") if header else "").strip() or typed.strip()
+
+    def current() -> ListeningSet:
+        return source() if callable(source) else source
 
     def public(trial: dict) -> dict:  # what the page may know of a trial: never which model is A or B
         return {"trial_id": trial["trial_id"], "position": trial["position"], "answered": trial["answer"] is not None}
@@ -84,6 +94,7 @@ def create_router(params: Params, root: Path, ls: ListeningSet) -> APIRouter:
     @router.post("/api/session")
     def session(body: SessionIn, request: Request):
         who = listener_of(request, body.listener)
+        ls = current()
         try:
             trials = store.trials_for(who, ls.backend, ls.models, ls.chunks)
         except VoteError as exc:
@@ -100,6 +111,7 @@ def create_router(params: Params, root: Path, ls: ListeningSet) -> APIRouter:
         except VoteError as exc:
             return _error(404, "not_found", str(exc))
         model = t["model_a"] if slot == "A" else t["model_b"]
+        ls = current()
         if (model, t["chunk_id"]) not in ls.clips:
             return _error(404, "not_found", f"trial {trial_id} is not part of this listening test")
         return FileResponse(ls.clip(model, t["chunk_id"]), media_type="audio/wav",
@@ -114,6 +126,7 @@ def create_router(params: Params, root: Path, ls: ListeningSet) -> APIRouter:
             status = 409 if "already" in str(exc) else 400
             return _error(status, "conflict" if status == 409 else "bad_request", str(exc))
         if new:
+            ls = current()
             try:  # the vote is stored either way; the registry copy is refreshed on the next vote if this fails
                 record(params, root, ls.backend, ls.models)
             except Exception:
@@ -122,6 +135,7 @@ def create_router(params: Params, root: Path, ls: ListeningSet) -> APIRouter:
 
     @router.get("/api/results")
     def results() -> dict:
+        ls = current()
         votes = store.votes(ls.backend, ls.models)
         model, opponent = ls.models
         s = summarize(votes, model, opponent, params.promotion.human_preference.confidence)
@@ -129,15 +143,22 @@ def create_router(params: Params, root: Path, ls: ListeningSet) -> APIRouter:
 
     @router.get("/api/votes")
     def votes() -> list[dict]:
+        ls = current()
         return store.votes(ls.backend, ls.models)
 
     return router
 
 
-def create_app(params: Params, root: Path, ls: ListeningSet) -> FastAPI:
+def not_ready(request: Request, exc: NotReady) -> JSONResponse:
+    """Register on the app that includes the router: app.add_exception_handler(NotReady, not_ready)."""
+    return _error(503, "not_ready", str(exc))
+
+
+def create_app(params: Params, root: Path, ls: ListeningSet | Callable[[], ListeningSet]) -> FastAPI:
     """The stand-alone listening server of `v2m listen`: the router at /listen, / redirects there."""
     app = FastAPI(title="voice2music listening test", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(create_router(params, root, ls), prefix="/listen")
+    app.add_exception_handler(NotReady, not_ready)
 
     @app.exception_handler(RequestValidationError)
     def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

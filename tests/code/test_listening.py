@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from scipy.optimize import minimize
 from scipy.stats import binomtest
 
-from tasks.listening.app import create_app
+from tasks.listening.app import create_app, create_router, not_ready
 from tasks.listening.clips import ListeningSet, mix
+from tasks.listening.lazy import BackgroundListeningSet, NotReady
 from tasks.listening.stats import agreement, bradley_terry, summarize, wilson, win_rate
 from tasks.listening.store import VoteError, VoteStore
 from tasks.registry.promotion import promote
@@ -153,6 +155,21 @@ def test_api_refuses_bad_votes_and_trusts_the_auth_header(tmp_path: Path, monkey
     assert dup.status_code == 409 and dup.json()["error"] == "conflict"
     r = client.get("/listen/api/results").json()
     assert r["n"] == 1 and r["roles"][X] == "challenger" and r["agreement"]["kappa"] is None  # NaN -> null
+
+
+def test_a_mounted_router_answers_503_until_its_clips_are_ready_and_says_why(store) -> None:  # noqa: F811
+    params, root = store  # an empty registry: no challenger and champion to compare
+    source = BackgroundListeningSet(params, root, "musicgen", recheck_s=3600)
+    app = FastAPI()
+    app.include_router(create_router(params, root, source), prefix="/listen")
+    app.add_exception_handler(NotReady, not_ready)
+    client = TestClient(app)
+    assert client.get("/listen").status_code == 200  # the page itself is always there
+    first = client.get("/listen/api/results")
+    assert first.status_code == 503 and "preparing" in first.json()["detail"]
+    source.wait()
+    then = client.post("/listen/api/session", json={"listener": "ann"})
+    assert then.status_code == 503 and "needs a challenger and a different champion" in then.json()["detail"]
 
 
 def test_mix_levels_both_stems_and_never_clips() -> None:
