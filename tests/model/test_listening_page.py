@@ -196,10 +196,10 @@ def test_two_listeners_vote_blind_and_the_votes_decide_the_promotion(root: Path,
         shown_rate = bob.text_content("#overall")
         shown_agreement = bob.text_content("#agreement")
         votes = bob.request.get(server.url + "/api/votes").json()
-        again = bob.request.post(server.url + "/api/votes", data={  # a retried submission stores nothing new
-            "vote_id": votes[0]["vote_id"], "trial_id": votes[0]["trial_id"], "listener": "ann",
-            "answer": votes[0]["answer"], "rating_a": votes[0]["rating_a"], "rating_b": votes[0]["rating_b"]}).json()
+        resend = {k: votes[0][k] for k in ("vote_id", "trial_id", "listener", "answer", "rating_a", "rating_b")}
+        again = ann.request.post(server.url + "/api/votes", data=resend).json()  # a retry stores nothing new
         assert again["stored"] is False and len(bob.request.get(server.url + "/api/votes").json()) == 6
+        assert bob.request.post(server.url + "/api/votes", data=resend).status == 409  # the header says bob
         browser.close()
     server.stop()
     assert errors == []
