@@ -202,7 +202,7 @@ def train_cmd(backend: Annotated[str, typer.Option(help="musicgen or audioldm.")
               variant: Annotated[str | None, typer.Option(help="AudioLDM variant: voice, voice_text or refined.")] = None,
               preset: Annotated[str | None, typer.Option(help="Override <backend>.preset.")] = None,
               max_steps: Annotated[int | None, typer.Option(help="Override train.<backend>.max_steps.")] = None,
-              init_from: Annotated[str, typer.Option(help="auto (stage 2 starts from stage 1), base, or a model folder.")] = "auto",
+              init_from: Annotated[str, typer.Option(help="auto (stage 2 starts from the matching stage-1 run in MLflow), base, or a model REF (runs:/ID, NAME/version, a folder).")] = "auto",
               params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Fine-tune a backend (resumes an interrupted run with the same settings; a finished one is reused)."""
     from tasks.training.finetune import finetune

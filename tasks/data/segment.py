@@ -7,11 +7,14 @@ mostly silent (less than `min_vocal_active` of 50 ms frames above `vocal_active_
 teach the model nothing about following a voice.
 
 Outputs: `out_dir/<backend>/<track_id>/<i>_{vocals,instrumental}[_48k].wav` and
-`out_dir/<backend>.jsonl`, one manifest record per chunk (see shared/notes/conventions.md).
+`out_dir/<backend>.jsonl`, one manifest record per chunk (see shared/notes/conventions.md), and
+`out_dir/test_fingerprint.json`, each backend's test-set fingerprint (recorded with the data version).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,17 @@ from v2m.audio import frame_rms_db, write_wav
 from v2m.config import ChunkConfig, NormalizeConfig, SegmentConfig
 
 BACKENDS = ("musicgen", "audioldm")
+FINGERPRINTS = "test_fingerprint.json"  # {backend: fingerprint of its test chunks}
 PROVENANCE_KEYS = ("track_id", "artist", "title", "genre", "language", "mood", "bpm", "key",
                    "bpm_source", "key_source", "vocals_sha256", "instrumental_sha256")
+
+
+def test_fingerprint(records: list[dict[str, Any]]) -> str:
+    """The identity of a backend's test set: its chunk ids and spans with the content hashes of their source
+    stems. Two evaluations are comparable only if they ran on the same fingerprint (and settings)."""
+    items = sorted((r["chunk_id"], r["start_s"], r["end_s"], r["vocals_sha256"], r["instrumental_sha256"])
+                   for r in records if r["split"] == "test")
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
 def chunk_spans(n_samples: int, sr: int, chunk: ChunkConfig) -> list[tuple[int, int]]:
@@ -115,6 +127,8 @@ def segment_dataset(split_dir: str | Path, out_dir: str | Path, cfg: SegmentConf
                              "source_instrumental_path": track["instrumental_path"]})
         write_jsonl(out_dir / f"{backend}.jsonl", rows)
         manifests[backend] = rows
+    fingerprints = {b: test_fingerprint(rows) for b, rows in manifests.items()}
+    (out_dir / FINGERPRINTS).write_text(json.dumps(fingerprints, indent=1, sort_keys=True))
     write_stats(out_dir, stats, chunks={b: len(r) for b, r in manifests.items()},
                 dropped_silent=sum(r["dropped_silent"] for r in results))
-    return {"manifests": manifests, "stats": stats}
+    return {"manifests": manifests, "stats": stats, "test_fingerprint": fingerprints}

@@ -1,7 +1,8 @@
 """DVC operations behind the prepare-data flow: track raw data, reproduce, version, push and pull.
 
 The data version is a short hash of every DVC-tracked output's content hash (dvc.lock and the raw data's
-.dvc file), recorded with the git revision, so any training run can log exactly which data it saw.
+.dvc file), recorded with the git revision and each backend's test-set fingerprint (segment.py), so any
+training run can log exactly which data it saw and any evaluation which test set it scored.
 Remotes come from params.yaml (`dvc:`): a local folder by default, or S3 with the endpoint and bucket in
 params and the credentials from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or a profile).
 They are written to `.dvc/config.local` (git-ignored), never to a committed file.
@@ -20,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from tasks.data.segment import FINGERPRINTS
 from v2m.config import DvcConfig
 
 VERSION_FILE = Path(".v2m") / "data_version.json"
@@ -85,7 +87,9 @@ def data_version(root: Path) -> dict[str, Any]:
         for out in (_read_yaml(dvc_file) or {}).get("outs", []):
             outs[str(Path(dvc_file.parent.name) / out["path"])] = out.get("md5", "")
     digest = hashlib.sha256(json.dumps(outs, sort_keys=True).encode()).hexdigest()
-    return {"data_version": digest[:12], "git_revision": _git_revision(root), "outputs": outs}
+    fingerprints = root / "data" / "segments" / FINGERPRINTS
+    return {"data_version": digest[:12], "git_revision": _git_revision(root), "outputs": outs,
+            "test_fingerprint": json.loads(fingerprints.read_text()) if fingerprints.is_file() else {}}
 
 
 def record_version(root: Path, version: dict[str, Any]) -> Path:

@@ -3,9 +3,16 @@
     base model (or the previous stage's model) -> setup_finetune -> train (resumable) -> save
         -> samples (input vocal next to the generated instrumental) -> log_model(name="model")
 
-The run folder `.v2m/runs/<backend>-<mode>-<key>/` is named by everything that determines the result
-(backend, mode, preset, training config, data version, starting point). Running the same command again
-resumes an interrupted run, or returns the finished one without training: a cache hit.
+A run's identity, its key, is everything that determines the result: backend, mode, preset and training
+settings, seed, data version, cached inputs, starting point, and the code that trains (the backend's modules
+and the training loop). The key names the local run folder `.v2m/runs/<backend>-<mode>-<key>/`, the run's
+own checkpoint prefix `<checkpoint_uri>/<backend>-<mode>-<key>/` and the MLflow tag `run_key`. Running the
+same command again, on this host or another, resumes that run from its own newest checkpoint or returns the
+finished one without training (a cache hit); a run with another key never sees these checkpoints.
+
+MusicGen's stage 2 starts from the finished stage-1 run whose key matches today's settings and data,
+found through MLflow and loaded from its logged model (`runs:/<id>/model`), never from a path on the host
+that trained it; its run id is recorded as the tag `init_from_run_id`.
 """
 
 from __future__ import annotations
@@ -17,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from models import configure_torch, default_device, get_backend, load_model, save_model
+from models import configure_torch, default_device, get_backend, save_model
 from models.base import Backend
 from tasks.data.cache_inputs import CACHE_ROOT, load_base, load_split
-from tasks.data.track_cache import cache_key
+from tasks.data.track_cache import cache_key, code_version, module_closure
 from tasks.training.trainer import train
 from v2m.audio import read_mono, write_wav
 from v2m.config import Params
@@ -62,20 +69,45 @@ def data_version_of(root: Path) -> str:
     return json.loads(path.read_text())["data_version"] if path.is_file() else "unversioned"
 
 
-def previous_stage_model(params: Params, backend: str, root: Path, data_version: str) -> str:
-    """MusicGen's stage 2 starts from stage 1: the newest finished `voice` run on the same preset and data."""
+def training_code_version(backend: str) -> str:
+    """The code a fine-tuned model depends on: this module's import closure (the trainer, checkpoints,
+    cached-input loading, the backend's own modules), less the other backends."""
+    from models import BACKENDS
+    return code_version(*module_closure(__file__, exclude=tuple(f"models/{b}" for b in BACKENDS if b != backend)))
+
+
+def run_key(params: Params, backend: str, mode: str, init_from: str, data_version: str, cache_dir: Path,
+            tcfg: Any = None) -> str:
+    """The identity of a fine-tuning run (see the module docstring)."""
+    tcfg = tcfg or getattr(params.train, backend)
+    index = cache_dir / "index.jsonl"
+    return cache_key(backend, mode, getattr(params, backend).model_dump(), tcfg.model_dump(exclude={"checkpoint_uri"}),
+                     params.seed, data_version, init_from, index.read_text() if index.is_file() else "",
+                     training_code_version(backend))[:10]
+
+
+def find_run(params: Params, backend: str, root: Path, key: str):
+    """The newest MLflow run with this key (finished, or interrupted and resumable), or None."""
     import mlflow
-    exp = experiment_id(EXPERIMENTS[backend], params, root)
-    preset = getattr(params, backend).preset
-    runs = mlflow.search_runs([exp], filter_string=(
-        f"tags.backend = '{backend}' and tags.stage = 'voice' and tags.preset = '{preset}' and "
-        f"tags.data_version = '{data_version}' and attributes.status = 'FINISHED'"),
-        order_by=["attributes.end_time DESC"], max_results=1, output_format="list")
-    if not runs:
-        raise FinetuneError(f"{backend} stage voice_text starts from a finished stage `voice` run on preset "
-                            f"{preset!r} and data {data_version}; run `v2m train --backend {backend} --stage voice` "
-                            f"first, or pass --init-from base")
-    return runs[0].data.tags["model_dir"]
+    runs = mlflow.search_runs([experiment_id(EXPERIMENTS[backend], params, root)],
+                              filter_string=f"tags.run_key = '{key}'", order_by=["attributes.start_time DESC"],
+                              max_results=5, output_format="list")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    return (finished or runs or [None])[0]
+
+
+def previous_stage_model(params: Params, backend: str, root: Path, data_version: str) -> str:
+    """MusicGen's stage 2 starts from stage 1: the finished `voice` run with today's settings and data
+    (the run that `v2m train --stage voice` would find as its own cache hit), as an MLflow model URI."""
+    cache_dir = root / CACHE_ROOT / backend
+    key = run_key(params, backend, "voice", "base", data_version, cache_dir)
+    run = find_run(params, backend, root, key)
+    if run is None or run.info.status != "FINISHED":
+        preset = getattr(params, backend).preset
+        raise FinetuneError(f"{backend} stage voice_text starts from a finished stage `voice` run with the same "
+                            f"settings, preset {preset!r} and data {data_version} (run key {key}); run "
+                            f"`v2m train --backend {backend} --stage voice` first, or pass --init-from base")
+    return f"runs:/{run.info.run_id}/model"
 
 
 def log_samples(backend: Backend, items, n: int, duration_s: float, conditioning: str, out: Path) -> list[Path]:
@@ -118,18 +150,25 @@ def finetune(params: Params, backend_name: str, mode: str, root: Path = Path("."
         init_from = previous_stage_model(params, backend_name, root, data_version) \
             if (cls.mode_tag == "stage" and mode == "voice_text") else "base"
 
-    key = cache_key(backend_name, mode, bcfg.model_dump(), tcfg.model_dump(), params.seed, data_version, init_from,
-                    (cache_dir / "index.jsonl").read_text() if (cache_dir / "index.jsonl").is_file() else "")[:10]
-    run_dir = root / ".v2m" / "runs" / f"{backend_name}-{mode}-{key}"
+    key = run_key(params, backend_name, mode, init_from, data_version, cache_dir, tcfg)
+    name = f"{backend_name}-{mode}-{key}"
+    run_dir = root / ".v2m" / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     done = run_dir / "finished.json"
     if done.is_file():
         return FinetuneResult(**{**json.loads(done.read_text()), "trained": False})
+    prior = find_run(params, backend_name, root, key)
+    if prior is not None and prior.info.status == "FINISHED":  # finished elsewhere (another host)
+        return FinetuneResult(prior.info.run_id, str(run_dir), prior.data.tags.get("model_dir", ""),
+                              f"runs:/{prior.info.run_id}/model", [], False, 0)
+    if tcfg.checkpoint_uri:  # this run's own prefix: no other run resumes from it
+        tcfg = tcfg.model_copy(update={"checkpoint_uri": f"{tcfg.checkpoint_uri.rstrip('/')}/{name}"})
 
     device = default_device()
     backend, base_info = load_base(params, backend_name, cache_dir, device=device)
     if init_from != "base":
-        backend = load_model(Path(init_from), device=device)
+        from models.refs import resolve_model
+        backend = resolve_model(init_from, device=device)
     method = getattr(bcfg, "finetune", "full")  # only backends that offer LoRA configure a method
     backend.setup_finetune(method, **(bcfg.lora.model_dump() if method == "lora" else {}))
     train_items = load_split(cache_dir, "train", template)
@@ -137,7 +176,8 @@ def finetune(params: Params, backend_name: str, mode: str, root: Path = Path("."
 
     run_id_file = run_dir / "mlflow_run_id"
     exp = experiment_id(EXPERIMENTS[backend_name], params, root)
-    with mlflow.start_run(run_id=run_id_file.read_text() if run_id_file.is_file() else None, experiment_id=exp,
+    resume_id = run_id_file.read_text() if run_id_file.is_file() else (prior.info.run_id if prior else None)
+    with mlflow.start_run(run_id=resume_id, experiment_id=exp,
                           run_name=f"{backend_name}-{mode}-{bcfg.preset}") as run:
         run_id_file.write_text(run.info.run_id)
         if not (run_dir / "params_logged").exists():
@@ -147,7 +187,8 @@ def finetune(params: Params, backend_name: str, mode: str, root: Path = Path("."
                                        "data.segment": params.data.segment.model_dump()}))
             mlflow.set_tags({"backend": backend_name, cls.mode_tag: mode, "preset": bcfg.preset,
                              "base_model": base_info["base_model"], "data_version": data_version,
-                             "git_commit": git_commit(root), "init_from": init_from})
+                             "git_commit": git_commit(root), "init_from": init_from, "run_key": key,
+                             **({"init_from_run_id": init_from.split("/")[1]} if init_from.startswith("runs:/") else {})})
             (run_dir / "params_logged").touch()
         result = train(backend, train_items, val_items, tcfg, conditioning, run_dir, params.seed,
                        log=lambda m, step: mlflow.log_metrics(m, step=step), stop_after=stop_after)
@@ -174,11 +215,13 @@ from tasks.orchestration import params_hash, retry_transient  # noqa: E402
 
 
 def _cache_key(context, arguments: dict[str, Any]) -> str:
-    """Same data version + same settings = same model: an unchanged re-run of the flow trains nothing."""
+    """Same data version + same settings + same training code = same model: an unchanged re-run of the flow
+    trains nothing, and a fix to the training or model code retrains."""
     root, params = Path(arguments.get("root", ".")).resolve(), arguments["params"]
     return "finetune-" + params_hash(arguments["backend_name"], arguments["mode"], data_version_of(root),
                                      params.model_dump(), arguments.get("init_from", "auto"),
-                                     arguments.get("max_steps"), str(root))
+                                     arguments.get("max_steps"), str(root),
+                                     training_code_version(arguments["backend_name"]))
 
 
 # GPU work: the `gpu` tag's concurrency limit (one per GPU) keeps one fine-tune per device.

@@ -61,3 +61,23 @@ def test_a_stem_behind_a_symlink_is_reread_when_its_target_changes(tmp_path: Pat
     third = validate_dataset(raw, tmp_path / "out", cfg, workers=1)
     assert third["stats"].processed == 1
     assert {r["track_id"]: r["vocals_sha256"] for r in third["accepted"]}["t00"] == sha["t00"]
+
+
+def test_the_finetune_key_changes_with_the_training_and_model_code_only(project: Path) -> None:
+    """After a training or model bug fix, retrain must train again instead of reusing the old models."""
+    probe = ("from tasks.training.finetune import training_code_version as v; "
+             "print(v('musicgen'), v('audioldm'))")
+
+    def versions() -> list[str]:
+        res = run([sys.executable, "-c", probe], project)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res.stdout.split()
+
+    before = versions()
+    for path, changed in (("tasks/training/trainer.py", {0, 1}), ("models/audioldm.py", {1}),
+                          ("tasks/data/label.py", set())):
+        f = project / path
+        f.write_text(f.read_text() + "\n# a fix\n")
+        after = versions()
+        assert {i for i in (0, 1) if after[i] != before[i]} == changed, path
+        before = after

@@ -31,7 +31,14 @@ def test_flow_runs_the_pipeline_and_returns_the_data_version(project: Path, pref
     stats = version["stats"]
     assert stats["tracks"] == 6 and stats["quarantined"] == 0 and stats["artists"] == 3
     assert sum(stats["splits"].values()) == 6 and stats["chunks_musicgen"] > 0
-    assert json.loads((project / VERSION_FILE).read_text())["data_version"] == version["data_version"]
+    recorded = json.loads((project / VERSION_FILE).read_text())
+    assert recorded["data_version"] == version["data_version"]
+    # Each backend's test-set fingerprint is recorded with the data version, and matches its manifest.
+    from tasks.data.segment import test_fingerprint
+    from tasks.data.track_cache import read_jsonl
+    for backend in ("musicgen", "audioldm"):
+        manifest = read_jsonl(project / f"data/segments/{backend}.jsonl")
+        assert recorded["test_fingerprint"][backend] == test_fingerprint(manifest)
     # The default remote is a local folder under .v2m/ that now holds the content-addressed files.
     assert version["pushed_files"] > 0
     assert len([p for p in (project / ".v2m" / "dvc-remote").rglob("*") if p.is_file()]) >= version["pushed_files"]

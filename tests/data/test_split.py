@@ -98,3 +98,14 @@ def test_a_damaged_ledger_is_an_error_naming_the_file(tmp_path) -> None:
     (tmp_path / "assignments.json").write_text("{not json")
     with pytest.raises(SplitError, match="assignments.json"):
         read_ledger(tmp_path)
+
+
+def test_test_fingerprint_covers_the_test_chunks_and_their_sources_only() -> None:
+    from tasks.data.segment import test_fingerprint
+    rows = [{"chunk_id": f"c{i}", "start_s": 0.0, "end_s": 30.0, "vocals_sha256": f"v{i}", "instrumental_sha256": f"i{i}",
+             "split": "test" if i < 3 else "train"} for i in range(6)]
+    fp = test_fingerprint(rows)
+    assert test_fingerprint(list(reversed(rows))) == fp                       # order does not matter
+    assert test_fingerprint(rows + [{**rows[4], "chunk_id": "new"}]) == fp    # new training data does not
+    assert test_fingerprint([{**rows[0], "vocals_sha256": "edited"}] + rows[1:]) != fp  # a changed source does
+    assert test_fingerprint(rows[1:]) != fp                                    # a dropped test chunk does

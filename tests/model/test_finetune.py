@@ -62,10 +62,18 @@ def test_stage_two_starts_from_stage_one(root: Path) -> None:
     with pytest.raises(FinetuneError, match="stage `voice` run"):
         finetune(p, "musicgen", "voice_text", root)
     first = finetune(p, "musicgen", "voice", root)
+    # Stage 2 may run on another host: it finds stage 1 through MLflow and loads its logged model, so the
+    # stage-1 run folder on this disk is not needed.
+    shutil.rmtree(first.run_dir)
     second = finetune(p, "musicgen", "voice_text", root)
     tags = mlflow.get_run(second.run_id).data.tags
-    assert tags["stage"] == "voice_text" and tags["init_from"] == first.model_dir
+    assert tags["stage"] == "voice_text" and tags["init_from_run_id"] == first.run_id
+    assert tags["init_from"] == f"runs:/{first.run_id}/model"
     assert mlflow.get_run(second.run_id).data.params["conditioning"] == "voice_text"
+    # A stage-1 run with other settings is not a starting point for today's stage 2.
+    other = p.model_copy(update={"seed": p.seed + 1})
+    with pytest.raises(FinetuneError, match="same settings"):
+        finetune(other, "musicgen", "voice_text", root)
 
 
 def test_kill_minus_9_then_resume_reproduces_the_uninterrupted_losses(root: Path, tmp_path: Path) -> None:
@@ -74,7 +82,10 @@ def test_kill_minus_9_then_resume_reproduces_the_uninterrupted_losses(root: Path
     full = finetune(load_params(other / "params.yaml"), "musicgen", "voice", other)
 
     cmd = [sys.executable, "-m", "v2m.cli", "train", "--backend", "musicgen", "--stage", "voice"]
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The commands use root's own embedded store: in the store the run above went to, the same settings
+    # and data would be a finished run (a cache hit), whichever folder asks.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while not list(root.glob(".v2m/runs/musicgen-voice-*/checkpoints/ckpt-00000004")):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -82,7 +93,7 @@ def test_kill_minus_9_then_resume_reproduces_the_uninterrupted_losses(root: Path
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout)
     assert out["resumed_from"] >= 4
@@ -90,10 +101,11 @@ def test_kill_minus_9_then_resume_reproduces_the_uninterrupted_losses(root: Path
     assert losses == full.losses
 
 
-def test_an_interrupted_audioldm_run_resumes_to_the_same_losses(root: Path, tmp_path: Path) -> None:
+def test_an_interrupted_audioldm_run_resumes_to_the_same_losses(root: Path, tmp_path: Path, monkeypatch) -> None:
     other = tmp_path / "uninterrupted"
     shutil.copytree(root, other, symlinks=True)
     full = finetune(load_params(other / "params.yaml"), "audioldm", "voice_text", other)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # root's own store (in other's, this run is already finished)
     p = load_params(root / "params.yaml")
     cut = finetune(p, "audioldm", "voice_text", root, stop_after=3)  # checkpoint at step 2, step 3 is lost
     assert cut.model_dir == "" and len(cut.losses) == 3
