@@ -7,4 +7,6 @@ become evidence for promotion.
     stats.py   win rate with a Wilson interval, Bradley-Terry for more than two models, listener agreement
     gate.py    the `human_preference` promotion gate, and the results recorded on the model version
     app.py     the FastAPI router (page + JSON API + audio), mountable at /listen, and `v2m listen`
+    lazy.py    the listening set of a server that starts before its clips exist (prepared in the background)
+    report.py  the results as the comparison report shows them (read back from the registry)
 """
