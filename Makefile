@@ -34,10 +34,13 @@ bench: setup
 
 setup: $(STAMP)
 
+# torch: the CPU wheel of 2.13.0 (0.75 GB installed) rather than the newest in pyproject's range, which this
+# registry serves as 2.14.1's CUDA build (4.4 GB with its nvidia-* wheels). GPU hosts install a CUDA build.
 $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory sysdeps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[render,ml,dev]'
 	touch $(STAMP)
 
