@@ -1,7 +1,7 @@
 """Flow `retrain`: the whole pipeline, from raw tracks to a champion and a report people can listen to.
 
     prepare-data  ->  for each backend, for each stage / variant:
-                          finetune -> evaluate -> register + promote
+                          finetune -> evaluate (and the champion, on the same test set) -> register + promote
                   ->  baseline evaluation of the base model -> comparison report per backend
 
 Unchanged data and settings make every fine-tune a cache hit (nothing trains). Steps run in-process in
@@ -41,13 +41,20 @@ def retrain(project_dir: str = ".", backends: list[str] | None = None, musicgen_
                           presets=presets, max_steps=max_steps)
             ev = run_step(params, "evaluate", evaluate_flow, model=f"runs:/{ft['run_id']}", project_dir=str(root),
                           presets=presets)
+            champion = alias_version(backend, CHAMPION)
+            if champion:  # on the challenger's test set, on the GPU pool (a cache hit once done)
+                run_step(params, "evaluate", evaluate_flow, model=f"{model_name(backend)}/{champion}",
+                         project_dir=str(root), presets=presets)
             decision = run_step(params, "promote", promote_flow, backend=backend, run_id=ft["run_id"],
                                 eval_run_id=ev["run_id"], project_dir=str(root))
             log.info("%s %s: %s; v%s %s", backend, mode, "trained" if ft["trained"] else "cache hit",
                      decision["version"], "promoted" if decision["promoted"] else f"kept out: {decision['reason']}")
             steps.append({"mode": mode, "run_id": ft["run_id"], "trained": ft["trained"],
                           "eval_run_id": ev["run_id"], "version": decision["version"], "promoted": decision["promoted"],
-                          "reason": decision["reason"]})
+                          "reason": decision["reason"], "test_fingerprint": decision["test_fingerprint"],
+                          "champion_before": decision["champion_before"],
+                          "champion_eval_run_id": decision["champion_eval_run_id"],
+                          "gates": {g["name"]: g["status"] for g in decision["gates"]}})
         champion = alias_version(backend, CHAMPION)
         entry: dict[str, Any] = {"steps": steps, "champion": champion}
         if report and champion:

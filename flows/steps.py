@@ -3,6 +3,8 @@
     finetune  (gpu-a40)   one backend, one stage or variant
     evaluate  (gpu-a40)   generation-heavy scoring of one model on the test split
     promote   (cpu)       register the run as a version, then gate and compare-and-set the champion
+                          (on evaluations already made by `evaluate`: the challenger's, and the champion's
+                          on the same test set, which the retrain flow asks for before promoting)
 
 `run_step` calls a step in-process (embedded mode) or through run_deployment on its pool (team mode):
 the same code, chosen by configuration (params.yaml orchestration.mode or V2M_ORCHESTRATION).

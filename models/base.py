@@ -126,11 +126,14 @@ class Backend(abc.ABC):
 
     # --- generate -----------------------------------------------------------------------------------
     def generate(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float,
-                 seed: int = 0, guidance_scale: float | None = None, steps: int | None = None) -> np.ndarray:
+                 seed: int = 0, guidance_scale: float | None = None, steps: int | None = None,
+                 normalize: bool = True) -> np.ndarray:
         """An instrumental (float32 mono at self.sample_rate, duration_s long) for a vocal and/or a prompt:
         voice only (prompt None), voice + text, or text only (vocal None). Deterministic given the seed.
-        The backend's raw output is peak-normalised (as audiocraft's audio_write does by default)."""
-        return peak_normalize(self.synthesize(vocal, vocal_sr, prompt, duration_s, seed, guidance_scale, steps))
+        The backend's raw output is peak-normalised (as audiocraft's audio_write does by default);
+        normalize=False returns it as the model made it (evaluation measures clipping, NaN and silence there)."""
+        raw = self.synthesize(vocal, vocal_sr, prompt, duration_s, seed, guidance_scale, steps)
+        return peak_normalize(raw) if normalize else raw
 
     @abc.abstractmethod
     def synthesize(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float,

@@ -286,19 +286,21 @@ def register_cmd(run: Annotated[str, typer.Option(help="The fine-tuning run id."
 @app.command("promote")
 def promote_cmd(backend: BackendOpt, version: Annotated[str | None, typer.Option(help="Default: the challenger.")] = None,
                 approve: Annotated[bool, typer.Option(help="Manual approval, when the policy asks for it.")] = False,
+                reinstate: Annotated[bool, typer.Option(help="Bring back a rolled-back version (audited).")] = False,
                 params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Gate a version against the champion and move `champion` if every gate passes (compare-and-set)."""
+    """Gate a version against the champion on the same test set and move `champion` if every gate passes."""
     from tasks.registry.promotion import promote
     from v2m.tracking import setup_mlflow
     p = params_or_fail(params)
     setup_mlflow(p, Path.cwd())
     with user_errors():
-        d = promote(p, Path.cwd(), backend, version, approve)
+        d = promote(p, Path.cwd(), backend, version, approve, reinstate=reinstate)
+    console.print(f"test set {d.test_fingerprint}; evaluations: v{d.version} {d.challenger_eval_run_id}, champion "
+                  f"v{d.champion_before} {d.champion_eval_run_id or '-'}", highlight=False)
     for g in d.gates:
-        mark = "[green]pass[/green]" if g.passed else "[yellow]WAIT[/yellow]" if g.waiting else "[red]FAIL[/red]"
-        console.print(f"  {mark}  {g.name}: {g.detail}", highlight=False)
-    verdict = (f"promoted v{d.version} to champion" if d.promoted else
-               f"waiting: v{d.version} {d.reason}" if d.waiting else f"refused v{d.version}: {d.reason}")
+        console.print(f"  {g.line()}", highlight=False, markup=False)
+    verdict = (f"promoted v{d.version} to champion" if d.promoted else f"v{d.version} not promoted yet, "
+               f"{d.reason}" if d.reason.startswith("waiting") else f"refused v{d.version}: {d.reason}")
     console.print(verdict)
     if not d.promoted:
         raise typer.Exit(1)

@@ -177,11 +177,21 @@ class EvaluationConfig(Strict):
 
 
 class PromotionConfig(Strict):
-    """Gates a challenger must pass to become champion (tasks/registry/promotion.py)."""
-    fad_min_improvement: float = Field(0.0, ge=0, lt=1)  # relative: FAD <= champion's x (1 - this)
-    harmonic_fit_max_drop: float = Field(0.02, ge=0)  # absolute, on eval/harmonic_fit
-    breakdown_max_regression: float = Field(0.05, ge=0)  # per language and per genre harmonic fit
-    required_metrics: list[str] = ["eval/fad", "eval/harmonic_fit", "eval/chroma_cosine", "eval/sanity_pass"]
+    """Gates a challenger must pass to become champion (tasks/registry/gates.py). Comparative gates use the
+    paired per-chunk differences (challenger - champion) on the same test set, with a bootstrap interval."""
+    confidence: float = Field(0.95, gt=0, lt=1)  # level of every interval
+    bootstrap_resamples: int = Field(1000, ge=50)
+    bootstrap_seed: int = 0  # fixed: a decision can be re-derived exactly
+    harmonic_fit_max_drop: float = Field(0.02, ge=0)  # lower bound of (challenger - champion) >= -this
+    rhythm_fit_max_drop: float = Field(0.02, ge=0)    # likewise, eval/rhythm_fit
+    fad_max_increase: float = Field(0.1, ge=0)  # upper bound of FAD(ch) - FAD(champ) <= this x FAD(champ)
+    doubling_max_rise: float = Field(0.1, ge=0)  # upper bound of the chroma_cosine difference <= this
+    repetition_max_rise: float = Field(0.1, ge=0)  # upper bound of the repetition difference <= this
+    breakdown_max_regression: float = Field(0.05, ge=0)  # per language / genre harmonic fit, lower bound
+    breakdown_min_n: int = Field(5, ge=1)  # groups with fewer test chunks are reported, not gated
+    min_sanity_pass: float = Field(1.0, ge=0, le=1)  # share of raw outputs that must pass sanity
+    required_metrics: list[str] = ["eval/fad", "eval/harmonic_fit", "eval/rhythm_fit", "eval/chroma_cosine",
+                                   "eval/sanity_pass"]
     manual_approval: bool = False
     human_preference: HumanPreferenceConfig = HumanPreferenceConfig()  # the blind listening test's gate
 

@@ -20,6 +20,7 @@ from tasks.evaluation.fad import (ClapEmbedder, Embedder, MelStatsEmbedder, clap
 from tasks.evaluation.harmony import (ANALYSIS_SR, analyse, chroma_cosine, finite, harmonic_fit,  # noqa: F401
                                       key_agreement, key_of, key_relation_score, parse_key, tempo_agreement, tempo_of,
                                       tempo_relation_score)
+from tasks.evaluation.rhythm import repetition, rhythm_fit  # noqa: F401
 from v2m.audio import frame_rms_db
 
 
@@ -83,7 +84,12 @@ METRICS: dict[str, MetricInfo] = {
     "tempo_agreement": MetricInfo(True, "{0, 0.5, 1}", "instrumental tempo vs metadata bpm: 1 within 4 %, 0.5 "
                                   "at 2x/0.5x/3x/(1/3)x; NaN without a bpm"),
     "tempo_bpm": MetricInfo(None, "40-240", "estimated tempo of the instrumental"),
+    "rhythm_fit": MetricInfo(True, "[-1, 1]", "onset alignment of the instrumental with the vocal "
+                             "(rhythm.rhythm_fit)"),
+    "repetition": MetricInfo(False, "[-1, 1]", "how exactly the instrumental repeats itself at lags >= 1 s: 1 = one "
+                             "bar looped (rhythm.repetition)"),
     "clap_score": MetricInfo(True, "[-1, 1]", "CLAP text-audio cosine with the prompt; only with CLAP weights"),
+    # sanity: measured on the raw output, before generate()'s peak normalisation
     "nonfinite": MetricInfo(False, "[0, 1]", "share of NaN/inf samples"),
     "clipping": MetricInfo(False, "[0, 1]", "share of samples at |x| >= 0.999"),
     "silence_ratio": MetricInfo(False, "[0, 1]", "share of 50 ms frames below -60 dBFS"),
@@ -104,18 +110,22 @@ def _meta_value(meta: Mapping[str, Any] | None, key: str) -> Any:
 
 def compute_sample_metrics(vocal: np.ndarray, vocal_sr: int, inst: np.ndarray, inst_sr: int,
                            meta: Mapping[str, Any] | None = None, *, prompt: str | None = None,
-                           clap: ClapEmbedder | None = None) -> dict[str, float]:
+                           clap: ClapEmbedder | None = None, raw: np.ndarray | None = None) -> dict[str, float]:
     """Every per-sample metric of one generated instrumental for its vocal, keyed by the METRICS names.
 
     vocal / inst: mono float audio at their own rates (resampled here as needed; they are assumed to
     start together). meta: the source track's metadata; uses "bpm" and "key" when present (missing or
     blank -> the metadata-based agreements are NaN). prompt + clap: adds clap_score.
-    The chroma of each stem is computed once and shared by the harmony and key metrics.
+    raw: the model's output before peak normalisation (same rate as inst); sanity is measured on it, as
+    normalisation hides clipping and silence. The chroma of each stem is computed once and shared by the
+    harmony, repetition and key metrics.
     """
-    out = sanity(inst, inst_sr)
+    out = sanity(inst if raw is None else raw, inst_sr)
     v, a = analyse(vocal, vocal_sr), analyse(inst, inst_sr)
     out["harmonic_fit"] = harmonic_fit(v, a)
     out["chroma_cosine"] = chroma_cosine(v, a)
+    out["rhythm_fit"] = rhythm_fit(vocal, inst, vocal_sr, inst_sr)
+    out["repetition"] = repetition(a)
     inst_key = key_of(a)
     out["key_agreement"] = key_relation_score(inst_key, _meta_value(meta, "key"))
     out["key_agreement_vocal"] = key_relation_score(inst_key, key_of(v)) if np.any(v.rms > 0) else float("nan")

@@ -161,8 +161,7 @@ def prepare(params: Params, root: Path, backend: str, models: list[str] | None =
                         b, lineage = load_for_eval(params, root, model)
                         loaded = (b, *mode_settings(params, b.name, lineage["mode"]))
                     b, conditioning, template = loaded
-                    vocal, vsr, _, _, _, _, out = generate_chunk(b, chunk, i, cfg.seed, duration, conditioning,
-                                                                 template)
+                    vocal, vsr, *_, out = generate_chunk(b, chunk, i, cfg.seed, duration, conditioning, template)
                     sr = b.sample_rate
                 tmp = paths[chunk["chunk_id"]].with_suffix(".tmp.wav")
                 write_wav(tmp, mix(vocal, vsr, out, sr), sr)

@@ -14,31 +14,19 @@ metrics (step = number of votes) trace the win rate as votes come in, with the f
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.listening.stats import summarize
 from tasks.listening.store import VoteStore, pair_key
+from tasks.registry.gates import FAIL, PASS, WAITING, GateResult
 from v2m.config import Params
 
 GATE = "human_preference"
 EXPERIMENT = "voice2music-listening"
 _record_lock = threading.Lock()
-
-
-@dataclass
-class GateResult:
-    name: str
-    passed: bool
-    waiting: bool
-    estimate: float  # the candidate's win rate (ties = half a win)
-    interval: tuple[float, float]  # Wilson interval at the configured confidence
-    n: int  # votes on the pair
-    reason: str
 
 
 def store_for(params: Params, root: Path) -> VoteStore:
@@ -50,20 +38,19 @@ def human_preference(params: Params, root: Path, backend: str, candidate: str, c
     from tasks.registry.registry import model_name
     cfg = params.promotion.human_preference
     if champion is None or champion == candidate:
-        return GateResult(GATE, True, False, math.nan, (math.nan, math.nan), 0,
-                          "no champion to compare with: nothing for listeners to prefer")
+        return GateResult(GATE, PASS, "no champion to compare with: nothing for listeners to prefer")
     name = model_name(backend)
     me, other = f"{name}/{candidate}", f"{name}/{champion}"
     s = summarize(store_for(params, root).votes(backend, (me, other)), me, other, cfg.confidence)
-    interval = (s["ci_low"], s["ci_high"])
+    numbers = (s["win_rate"], s["ci_low"], s["ci_high"], s["n"])  # estimate: the win rate (ties = half)
     if s["n"] < cfg.min_votes:
-        return GateResult(GATE, False, True, s["win_rate"], interval, s["n"],
+        return GateResult(GATE, WAITING,
                           f"waiting for listeners: {s['n']} of {cfg.min_votes} votes on v{candidate} vs v{champion} "
-                          f"(v2m listen --backend {backend})")
+                          f"(v2m listen --backend {backend})", *numbers)
     passed = s["ci_low"] >= cfg.min_lower_bound
-    return GateResult(GATE, passed, False, s["win_rate"], interval, s["n"],
+    return GateResult(GATE, PASS if passed else FAIL,
                       f"win rate {s['win_rate']:.3f} over {s['n']} votes, {cfg.confidence:.0%} CI "
-                      f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]; lower bound needs >= {cfg.min_lower_bound}")
+                      f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]; lower bound needs >= {cfg.min_lower_bound}", *numbers)
 
 
 def _fmt(x: float) -> str:

@@ -6,9 +6,10 @@ stats.json), so the report shows the same numbers in team mode, where the vote s
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROWS = (("opponent", "opponent"), ("votes", "votes"), ("listeners", "listeners"), ("win_rate", "win rate"),
         ("ci_low", "CI low"), ("ci_high", "CI high"), ("agreement", "listener agreement"), ("kappa", "Fleiss' kappa"))
@@ -44,20 +45,23 @@ def listening_results(refs: list[str], scratch: Path) -> dict[str, dict[str, Any
     return out
 
 
-def section(results: dict[str, dict[str, Any]], refs: list[str], table: Callable[..., str]) -> str:
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return "NaN" if v != v else f"{v:.4f}"
+    return html.escape(str(v))
+
+
+def section(results: dict[str, dict[str, Any]], refs: list[str]) -> str:
     """The report's listening table, one column per compared model (beside the metric tables)."""
     if not results:
         return ""
     groups = sorted({g for r in results.values() for g in r["groups"]})
-    rows = [label for _, label in ROWS] + [f"win rate, {g}" for g in groups]
-    keys = dict((label, key) for key, label in ROWS)
-
-    def cell(row: str, ref: str):
-        r = results.get(ref)
-        if r is None:
-            return "–"
-        if row in keys:
-            return r[keys[row]]
-        return r["groups"].get(row.removeprefix("win rate, "), float("nan"))
-
-    return table("Blind listening test (win rate against the opponent; no preference = half a win)", rows, refs, cell)
+    rows = [(label, lambda r, k=key: r[k]) for key, label in ROWS] + \
+           [(f"win rate, {g}", lambda r, g=g: r["groups"].get(g, float("nan"))) for g in groups]
+    head = "".join(f"<th>{html.escape(ref)}</th>" for ref in refs)
+    body = "".join(f"<tr><th>{html.escape(label)}</th>" + "".join(
+        f"<td>{_cell(get(results[ref])) if ref in results else '–'}</td>" for ref in refs) + "</tr>"
+        for label, get in rows)
+    title = "Blind listening test (win rate against the opponent; no preference = half a win)"
+    return (f"<h2>{html.escape(title)}</h2><table data-table=\"Blind listening test\"><tr><th></th>{head}</tr>"
+            f"{body}</table>")

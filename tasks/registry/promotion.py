@@ -1,10 +1,17 @@
 """Promotion: gate a candidate on its evaluation against the champion, then compare-and-set `champion`.
 
-    decision = gates(candidate metrics, champion metrics, policy)      (computed without a lock)
+    evidence = the candidate's and the champion's evaluations on the same test set (fingerprint) and
+               settings: the champion is re-evaluated on the candidate's test set when needed (cached)
+    decision = gates(evidence, policy)   (tasks/registry/gates.py; computed without a lock)
     with the registry lock:
         if champion is still the one the decision was computed against and every gate passed:
             champion := candidate
-        record the outcome as version tags (promotion.*) and an audit entry
+        record the outcome as version tags (promotion.*, with the fingerprint and both evaluation runs)
+        and an audit entry
+
+A rolled-back version (tag promotion.rolled_back) is never promoted again by a retrain or a schedule: its
+`not_rolled_back` gate fails. `v2m promote --reinstate` is the explicit way back; it is audited as a
+`reinstate` entry and tags the version promotion.reinstated.
 
 The lock is a file lock under .v2m/locks/ (one host: the embedded store, or a team stack whose promotions
 run on one CPU worker). If the champion moved after the decision was computed, the promotion is refused:
@@ -15,7 +22,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -24,9 +30,11 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from tasks.registry.registry import (CHALLENGER, CHAMPION, alias_version, audit, audit_history, eval_metrics,
-                                     model_name)
-from v2m.config import Params, PromotionConfig
+from tasks.evaluation.evaluate import EvalResult
+from tasks.registry.gates import FAIL, WAITING, Evidence, GateResult, run_gates
+from tasks.registry.registry import (CHALLENGER, CHAMPION, alias_version, audit, audit_history, model_name,
+                                     version_tags)
+from v2m.config import Params
 from v2m.errors import UserError
 
 
@@ -35,77 +43,41 @@ class PromotionError(UserError, ValueError):
 
 
 @dataclass
-class Gate:
-    name: str
-    passed: bool
-    detail: str
-    waiting: bool = False  # not enough evidence yet (e.g. listening votes): the promotion waits, it is not refused
-
-
-@dataclass
 class Decision:
     backend: str
     version: str
     champion_before: str | None
-    gates: list[Gate] = field(default_factory=list)
+    gates: list[GateResult] = field(default_factory=list)
     promoted: bool = False
     reason: str = ""
+    test_fingerprint: str = ""
+    challenger_eval_run_id: str = ""
+    champion_eval_run_id: str = ""
+    reinstate: bool = False
 
     @property
     def passed(self) -> bool:
         return all(g.passed for g in self.gates)
 
     @property
-    def waiting(self) -> bool:
-        """Only waiting gates stand in the way: run promote again once the evidence is in."""
-        return not self.passed and all(g.passed or g.waiting for g in self.gates)
+    def waiting(self) -> list[str]:
+        return [g.name for g in self.gates if g.status == WAITING]
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed, "waiting": self.waiting}
+        return {**asdict(self), "passed": self.passed}
 
 
-def _finite(x: float | None) -> bool:
-    # MLflow stores +-inf as +-1.8e308: treat such magnitudes as infinite too.
-    return x is not None and math.isfinite(x) and abs(x) < 1e300
-
-
-def gates(candidate: dict[str, float], champion: dict[str, float] | None, cfg: PromotionConfig,
-          approved: bool) -> list[Gate]:
-    """Every gate of the policy, pass or fail, with the numbers behind it."""
-    out = []
-    missing = [m for m in cfg.required_metrics if not _finite(candidate.get(m))]
-    out.append(Gate("metrics_present", not missing,
-                    f"missing or NaN: {', '.join(missing)}" if missing else "all required metrics are finite"))
-    nan = sorted(k for k, v in candidate.items() if not _finite(v))
-    out.append(Gate("no_nan", not nan, f"NaN/inf: {', '.join(nan)}" if nan else "no NaN or inf metric"))
-    sane = candidate.get("eval/sanity_pass")
-    out.append(Gate("sanity", sane == 1.0, f"eval/sanity_pass = {sane}"))
-    if champion:
-        fad_c, fad_p = candidate.get("eval/fad"), champion.get("eval/fad")
-        if _finite(fad_c) and _finite(fad_p):
-            need = fad_p * (1 - cfg.fad_min_improvement)
-            out.append(Gate("fad", fad_c <= need, f"FAD {fad_c:.4g} vs champion {fad_p:.4g} (needs <= {need:.4g})"))
-        else:
-            out.append(Gate("fad", False, f"FAD not comparable (candidate {fad_c}, champion {fad_p})"))
-        hf_c, hf_p = candidate.get("eval/harmonic_fit"), champion.get("eval/harmonic_fit")
-        if _finite(hf_c) and _finite(hf_p):
-            out.append(Gate("harmonic_fit", hf_c >= hf_p - cfg.harmonic_fit_max_drop,
-                            f"harmonic fit {hf_c:.4f} vs champion {hf_p:.4f} (max drop {cfg.harmonic_fit_max_drop})"))
-        else:
-            out.append(Gate("harmonic_fit", False, f"harmonic fit not comparable ({hf_c} vs {hf_p})"))
-        regressions = []
-        for key, before in champion.items():
-            if (key.startswith(("eval/lang/", "eval/genre/")) and key.endswith("/harmonic_fit")):
-                after = candidate.get(key)
-                if not _finite(after) or after < before - cfg.breakdown_max_regression:
-                    regressions.append(f"{key} {after} < {before:.4f} - {cfg.breakdown_max_regression}")
-        out.append(Gate("no_group_regression", not regressions,
-                        "; ".join(regressions) if regressions else "no language or genre regressed"))
-    else:
-        out.append(Gate("first_champion", True, "no champion yet: absolute gates only"))
-    if cfg.manual_approval:
-        out.append(Gate("manual_approval", approved, "approved" if approved else "needs --approve"))
-    return out
+def evaluation_of(params: Params, root: Path, backend: str, version: str) -> EvalResult:
+    """The version's evaluation on the current test set (fingerprint) with the current settings: its
+    `eval_run_id` when that one is such, else a new evaluation (itself cached by model, data version,
+    settings and code). A version that was never evaluated is evaluated, not skipped."""
+    from tasks.evaluation.evaluate import current_test_set, evaluate, load_eval_run
+    run_id = version_tags(backend, version).get("eval_run_id")
+    if run_id:
+        known = load_eval_run(run_id)
+        if (known.test_fingerprint, known.settings) == current_test_set(params, root, backend):
+            return known
+    return evaluate(params, root, f"{model_name(backend)}/{version}")
 
 
 @contextmanager
@@ -129,35 +101,51 @@ def registry_lock(root: Path, backend: str, timeout_s: float = 120.0):
 
 
 def _record(client: MlflowClient, name: str, d: Decision) -> None:
-    for key, value in {"promotion.decision": "promoted" if d.promoted else "waiting" if d.waiting else "refused",
-                       "promotion.reason": d.reason[:4000],
-                       "promotion.champion_before": str(d.champion_before),
-                       "promotion.gates": json.dumps({g.name: g.passed for g in d.gates}),
-                       "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}.items():
+    waits = d.waiting and all(g.status != FAIL for g in d.gates)  # held back only by missing evidence
+    tags = {"promotion.decision": "promoted" if d.promoted else "waiting" if waits else "refused",
+            "promotion.reason": d.reason[:4000],
+            "promotion.champion_before": str(d.champion_before),
+            "promotion.gates": json.dumps({g.name: g.status for g in d.gates}),
+            "promotion.test_fingerprint": d.test_fingerprint,
+            "promotion.challenger_eval_run_id": d.challenger_eval_run_id,
+            "promotion.champion_eval_run_id": d.champion_eval_run_id,
+            "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if d.promoted and d.reinstate:
+        tags["promotion.reinstated"] = tags["promotion.time"]
+    for key, value in tags.items():
         client.set_model_version_tag(name, d.version, key, value)
 
 
-def decide(params: Params, backend: str, version: str | None = None, approved: bool = False,
-           root: Path = Path(".")) -> Decision:
-    """Evaluate the gates for `version` (default: the challenger) against the current champion."""
+def decide(params: Params, root: Path, backend: str, version: str | None = None, approved: bool = False,
+           reinstate: bool = False) -> Decision:
+    """The gates for `version` (default: the challenger) against the current champion, both evaluated on
+    the same test set (the challenger's evaluation is the current one; the champion is re-evaluated on it
+    when its own is older, once: evaluations are cached)."""
     version = version or alias_version(backend, CHALLENGER)
     if version is None:
         raise PromotionError(f"{model_name(backend)}: no challenger to promote; register a fine-tuned model first")
     champion = alias_version(backend, CHAMPION)
-    d = Decision(backend, str(version), champion)
-    champ_metrics = eval_metrics(backend, champion) if champion and champion != str(version) else None
-    d.gates = gates(eval_metrics(backend, str(version)), champ_metrics, params.promotion, approved)
-    if params.promotion.human_preference.required:
+    d = Decision(backend, str(version), champion, reinstate=reinstate)
+    tags = version_tags(backend, d.version)
+    if reinstate and not tags.get("promotion.rolled_back"):
+        raise PromotionError(f"{model_name(backend)}: v{version} was never rolled back; promote it without "
+                             "--reinstate")
+    cand = evaluation_of(params, root, backend, d.version)
+    champ = evaluation_of(params, root, backend, champion) if champion and champion != d.version else None
+    d.test_fingerprint, d.challenger_eval_run_id = cand.test_fingerprint, cand.run_id
+    d.champion_eval_run_id = champ.run_id if champ else ""
+    d.gates = run_gates(Evidence(params.promotion, cand, champ, tags, approved, reinstate))
+    if params.promotion.human_preference.required:  # the blind listening test (tasks/listening/gate.py)
         from tasks.listening.gate import human_preference
-        hp = human_preference(params, root, backend, str(version), champion)
-        d.gates.append(Gate(hp.name, hp.passed, hp.reason, waiting=hp.waiting))
+        d.gates.append(human_preference(params, root, backend, d.version, champion))
     return d
 
 
 def promote(params: Params, root: Path, backend: str, version: str | None = None, approved: bool = False,
-            decision: Decision | None = None) -> Decision:
-    """Move `champion` to the candidate if every gate passes and the champion has not changed meanwhile."""
-    d = decision or decide(params, backend, version, approved, root)
+            decision: Decision | None = None, reinstate: bool = False) -> Decision:
+    """Move `champion` to the candidate if every gate passes and the champion has not changed meanwhile.
+    A rolled-back version is refused unless `reinstate` (the explicit, audited way back)."""
+    d = decision or decide(params, root, backend, version, approved, reinstate)
     client, name = MlflowClient(), model_name(backend)
     with registry_lock(root, backend):
         now = alias_version(backend, CHAMPION)
@@ -166,13 +154,13 @@ def promote(params: Params, root: Path, backend: str, version: str | None = None
         elif d.version == now:  # nothing to decide (an unchanged re-run): no tags, no audit entry
             d.reason = f"v{d.version} is already champion"
             return d
-        elif d.waiting:
-            d.reason = "waiting on gates: " + ", ".join(g.name for g in d.gates if g.waiting)
         elif not d.passed:
-            d.reason = "failed gates: " + ", ".join(g.name for g in d.gates if not g.passed and not g.waiting)
+            failed = [g.name for g in d.gates if g.status == FAIL]
+            d.reason = ("failed gates: " + ", ".join(failed)) if failed else "waiting for: " + ", ".join(d.waiting)
         else:
             client.set_registered_model_alias(name, CHAMPION, d.version)
-            d.promoted, d.reason = True, "all gates passed"
+            d.promoted = True
+            d.reason = "reinstated: all gates passed" if reinstate else "all gates passed"
         try:
             _record(client, name, d)
         except Exception:
@@ -182,8 +170,10 @@ def promote(params: Params, root: Path, backend: str, version: str | None = None
                 else:
                     client.delete_registered_model_alias(name, CHAMPION)
             raise
-        audit(params, root, backend, "promote" if d.promoted else "wait" if d.waiting else "refuse", d.version, d.champion_before,
-              alias_version(backend, CHAMPION), d.as_dict())
+        waits = d.waiting and all(g.status != FAIL for g in d.gates)
+        action = ("reinstate" if d.reinstate else "promote") if d.promoted else "wait" if waits else "refuse"
+        audit(params, root, backend, action, d.version, d.champion_before, alias_version(backend, CHAMPION),
+              d.as_dict())
     return d
 
 
@@ -195,7 +185,7 @@ def rollback(params: Params, root: Path, backend: str) -> tuple[str, str]:
         if current is None:
             raise PromotionError(f"{name}: no champion to roll back")
         promotions = [e for e in audit_history(params, root, backend)
-                      if e["action"] == "promote" and e["champion_after"] == current]
+                      if e["action"] in ("promote", "reinstate") and e["champion_after"] == current]
         previous = promotions[-1]["champion_before"] if promotions else "None"
         if previous in ("None", ""):
             raise PromotionError(f"{name}: v{current} has no previous champion to roll back to")

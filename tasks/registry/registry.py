@@ -42,17 +42,23 @@ def register(run_id: str, backend: str, eval_run_id: str | None = None) -> str:
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:  # registering the same run again (an unchanged re-run of the flow) changes nothing
         version = str(max(int(mv.version) for mv in existing))
-        if eval_run_id:
-            client.set_model_version_tag(name, version, "eval_run_id", eval_run_id)
+        for key, value in _eval_tags(client, eval_run_id).items():
+            client.set_model_version_tag(name, version, key, value)
         return version
     run = client.get_run(run_id)
-    tags = {k: run.data.tags[k] for k in LINEAGE_TAGS if k in run.data.tags}
-    if eval_run_id:
-        tags["eval_run_id"] = eval_run_id
+    tags = {k: run.data.tags[k] for k in LINEAGE_TAGS if k in run.data.tags} | _eval_tags(client, eval_run_id)
     source = f"runs:/{run_id}/model"
     mv = mlflow.register_model(source, name, tags=tags)
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     return str(mv.version)
+
+
+def _eval_tags(client: MlflowClient, eval_run_id: str | None) -> dict[str, str]:
+    """The version's evaluation and the test set it scored (tag test_fingerprint, as on the run)."""
+    if not eval_run_id:
+        return {}
+    fingerprint = client.get_run(eval_run_id).data.tags.get("test_fingerprint")
+    return {"eval_run_id": eval_run_id} | ({"test_fingerprint": fingerprint} if fingerprint else {})
 
 
 def alias_version(backend: str, alias: str) -> str | None:

@@ -1,3 +1,34 @@
-"""Flow tests reuse the model tests' prepared project (data, segments and model-input caches)."""
+"""Flow tests reuse the model tests' prepared project (data, segments and model-input caches), and run
+flows against Prefect's temporary server."""
 
-from tests.model.conftest import prepared_root, root  # noqa: F401  (pytest fixtures)
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.testing.utilities import prefect_test_harness
+
+from tests.model.conftest import OVERRIDES, merge, prepared_root, root  # noqa: F401  (pytest fixtures)
+
+SMALL = merge(OVERRIDES, {"train": {b: {"max_steps": 4, "checkpoint_every": 2, "val_every": 2, "samples": 1}
+                                    for b in ("musicgen", "audioldm")}})
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(tmp_path_factory.mktemp("prefect-storage"))
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def write_small_params(project: Path, extra: dict | None = None) -> None:
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump(merge(merge(raw, SMALL), extra or {})))
+
+
+@pytest.fixture
+def small_project(project: Path, monkeypatch) -> Path:
+    write_small_params(project)
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return project

@@ -7,40 +7,16 @@ import threading
 from pathlib import Path
 
 import mlflow
-import pytest
-import yaml
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.task_runners import ProcessPoolTaskRunner
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.retrain import retrain
 from tasks.registry.registry import CHAMPION, alias_version
 from tasks.training.finetune import finetune_task
-from tests.model.conftest import OVERRIDES, merge
 from v2m.config import load_params
 from v2m.tracking import setup_mlflow
 from v2m.s3server import SeaweedS3, free_port
-
-SMALL = merge(OVERRIDES, {"train": {b: {"max_steps": 4, "checkpoint_every": 2, "val_every": 2, "samples": 1}
-                                    for b in ("musicgen", "audioldm")}})
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(tmp_path_factory.mktemp("prefect-storage"))
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture
-def small_project(project: Path, monkeypatch) -> Path:
-    raw = yaml.safe_load((project / "params.yaml").read_text())
-    (project / "params.yaml").write_text(yaml.safe_dump(merge(raw, SMALL)))
-    monkeypatch.chdir(project)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return project
-
 
 def test_retrain_end_to_end_then_an_unchanged_rerun_trains_nothing(small_project: Path, harness) -> None:
     first = retrain(project_dir=str(small_project))

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
+import librosa
+import numpy as np
+import pretty_midi
 import pytest
 import yaml
+
+from tasks.data import chorales, render, voice
+from tasks.data.chorales import loop_and_cut, pick_chorales
 
 from tasks.data.cache_inputs import cache_dataset
 from tasks.data.label import label_dataset
@@ -15,6 +23,7 @@ from tasks.data.normalize import normalize_dataset
 from tasks.data.segment import segment_dataset
 from tasks.data.split import split_dataset
 from tasks.data.validate import validate_dataset
+from tasks.evaluation.harmony import parse_key
 from tests.conftest import ROOT, make_dataset
 from v2m.config import load_params
 
@@ -67,3 +76,98 @@ def root(prepared_root: Path, tmp_path: Path, monkeypatch) -> Path:
     return dest
 
 
+
+
+# ---- rendered Bach chorales: the known-answer material of the evaluation metrics and the gates ------------
+CHORALE_CACHE = ROOT / ".v2m" / "cache" / "chorales"
+CHORALE_SR = 32000
+N_CHORALES = 20
+CHORALE_BPM, CHORALE_S = 90, 20.0
+RENDER_VERSION = 3  # bump when the rendering below changes (invalidates the render cache)
+
+
+def transposed(ch, semitones: int):
+    return dataclasses.replace(ch, parts={k: [(p + semitones, on, d) for p, on, d in v] for k, v in ch.parts.items()})
+
+
+def fit_length(y: np.ndarray, n: int) -> np.ndarray:
+    y = np.asarray(y, np.float32)[:n]
+    y = np.pad(y, (0, n - y.size))
+    return y * (0.7 / (np.abs(y).max() + 1e-9))
+
+
+def tonic_drone(ch, seconds: float) -> pretty_midi.PrettyMIDI:
+    """An organ-like drone: the tonic triad of the chorale's key held for the whole clip, on the strings
+    the true accompaniment uses (so only the music differs, not the timbre)."""
+    tonic, mode = parse_key(ch.key)
+    triad = [48 + tonic, 48 + tonic + (3 if mode == "minor" else 4), 48 + tonic + 7]
+    pm = pretty_midi.PrettyMIDI(initial_tempo=CHORALE_BPM)
+    strings = pretty_midi.Instrument(program=render.STYLES["classical"].programs["Alto"])
+    strings.notes = [pretty_midi.Note(72, p, 0.0, seconds) for p in triad]
+    pm.instruments.append(strings)
+    return pm
+
+
+@pytest.fixture(scope="session")
+def chorale_renders(request, tmp_path_factory) -> list[dict]:
+    """N_CHORALES + 1 chorales, 20 s at 90 bpm: the soprano sung by the formant voice (the demo's
+    dependency-free singer), alto + tenor + bass as classical strings (FluidSynth if it loads, else the
+    numpy synth), the same accompaniment a tritone up, and a tonic-triad drone; plus where the first full
+    bar starts and how long a bar lasts (s). Cached across runs in pytest's cache folder (.pytest_cache,
+    cleared by --cache-clear), or per session in a temp folder with -p no:cacheprovider."""
+    renderer = render.resolve_renderer("auto")
+    name = f"v2m-chorale-renders-v{RENDER_VERSION}-c{chorales.CACHE_VERSION}-{renderer}"
+    pytest_cache = getattr(request.config, "cache", None)
+    cache = Path(pytest_cache.mkdir(name)) if pytest_cache is not None else tmp_path_factory.mktemp(name)
+    singer = voice.make_artists(1, ["en"], seed=0)[0]
+    words = [("la", "a"), ("loo", "u"), ("see", "i"), ("oh", "o"), ("day", "e")]
+    out = []
+    for k, ch in enumerate(pick_chorales(N_CHORALES + 1, seed=11, cache_dir=CHORALE_CACHE)):
+        path = cache / f"{ch.name.replace('/', '__')}.npz"
+        if not path.is_file():
+            quarters = CHORALE_S * CHORALE_BPM / 60
+            c, _ = loop_and_cut(ch, quarters, quarters)
+            n, sec = int(CHORALE_S * CHORALE_SR), 60 / CHORALE_BPM
+            notes = [(m, on * sec, d * sec) for m, on, d in c.parts["Soprano"]]
+            stems = {
+                "vocal": voice.sing(notes, words * (len(notes) // len(words) + 1), singer, "formant", CHORALE_SR, k),
+                "true": render.render(render.arrange(c, "classical", CHORALE_BPM), CHORALE_SR, renderer, k),
+                "tritone": render.render(render.arrange(transposed(c, 6), "classical", CHORALE_BPM), CHORALE_SR,
+                                         renderer, k),
+                "drone": render.render(tonic_drone(c, CHORALE_S), CHORALE_SR, renderer, k),
+            }
+            full = [b for b, nxt in zip(c.bars, c.bars[1:]) if abs(nxt - b - c.bar_ql) < 1e-6]
+            tmp = path.with_suffix(f".{os.getpid()}.npz")
+            np.savez(tmp, **{stem: np.round(fit_length(y, n) * 32767).astype(np.int16) for stem, y in stems.items()},
+                     bar=np.array([full[0] * sec, c.bar_ql * sec]))
+            tmp.replace(path)  # atomic: a concurrent session never reads half a file
+        with np.load(path) as z:
+            stems = {stem: z[stem].astype(np.float32) / 32767 for stem in z.files if stem != "bar"}
+            out.append(stems | {"name": ch.name, "key": ch.key, "bar_start_s": float(z["bar"][0]),
+                                "bar_s": float(z["bar"][1])})
+    return out
+
+
+def shifted(y: np.ndarray, seconds: float, sr: int = CHORALE_SR) -> np.ndarray:
+    n = int(round(seconds * sr))
+    return np.concatenate([np.zeros(n, np.float32), y[: y.size - n]])
+
+
+def stretched(y: np.ndarray, rate: float) -> np.ndarray:
+    """The same accompaniment played `rate` times as fast (pitch kept), cut or padded to the same length."""
+    z = librosa.effects.time_stretch(y, rate=rate).astype(np.float32)
+    return np.pad(z[: y.size], (0, max(0, y.size - z.size)))
+
+
+def looped_bar(c: dict, sr: int = CHORALE_SR) -> np.ndarray:
+    """The first full bar of the true accompaniment, looped for the whole clip."""
+    start, n = int(c["bar_start_s"] * sr), int(c["bar_s"] * sr)
+    return np.resize(c["true"][start:start + n], c["true"].size).astype(np.float32)
+
+
+def trivial_outputs(c: dict) -> dict[str, np.ndarray]:
+    """What a generator can output without making music for the vocal (the gate tests' challengers)."""
+    y = c["true"]
+    return {"drone": c["drone"], "doubling": c["vocal"].copy(),
+            "noise": (0.1 * np.random.default_rng(0).standard_normal(y.size)).astype(np.float32),
+            "silence": np.zeros_like(y), "loop": looped_bar(c)}

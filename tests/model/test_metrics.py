@@ -7,28 +7,21 @@ Run with -s to see the separation numbers the lead quotes.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 
-from tasks.data import chorales, demo, render, voice
-from tasks.data.chorales import Chorale, loop_and_cut, pick_chorales
+from tasks.data import demo, render
 from tasks.data.label import estimate_key, estimate_tempo
 from tasks.evaluation import metrics as M
-from tests.conftest import ROOT
+from tests.model.conftest import CHORALE_CACHE, CHORALE_SR, N_CHORALES
 from v2m.audio import read_mono, resample
 from v2m.config import DemoConfig
 
-CHORALE_CACHE = ROOT / ".v2m" / "cache" / "chorales"
-SR = 32000
-N_CHORALES = 20
-BPM, DURATION_S = 90, 20.0
-RENDER_VERSION = 2  # bump when the rendering below changes (invalidates the render cache)
+SR = CHORALE_SR
 
 
 # ---- FAD --------------------------------------------------------------------------------------------
@@ -91,49 +84,6 @@ def test_fad_with_the_weight_free_embedder() -> None:
 
 
 # ---- rendered chorales: harmonic fit vs chroma cosine -------------------------------------------------
-def transposed(ch: Chorale, semitones: int) -> Chorale:
-    return dataclasses.replace(ch, parts={k: [(p + semitones, on, d) for p, on, d in v] for k, v in ch.parts.items()})
-
-
-def fit_length(y: np.ndarray, n: int) -> np.ndarray:
-    y = np.asarray(y, np.float32)[:n]
-    y = np.pad(y, (0, n - y.size))
-    return y * (0.7 / (np.abs(y).max() + 1e-9))
-
-
-@pytest.fixture(scope="module")
-def chorale_renders(request, tmp_path_factory) -> list[dict[str, np.ndarray]]:
-    """N_CHORALES + 1 chorales, 20 s at 90 bpm: the soprano sung by the formant voice (the demo's
-    dependency-free singer), alto + tenor + bass as classical strings (FluidSynth if it loads, else the
-    numpy synth), and the same accompaniment a tritone up. Cached across runs in pytest's cache folder
-    (.pytest_cache, cleared by --cache-clear), or per session in a temp folder with -p no:cacheprovider."""
-    renderer = render.resolve_renderer("auto")
-    name = f"v2m-chorale-renders-v{RENDER_VERSION}-c{chorales.CACHE_VERSION}-{renderer}"
-    pytest_cache = getattr(request.config, "cache", None)
-    cache = Path(pytest_cache.mkdir(name)) if pytest_cache is not None else tmp_path_factory.mktemp(name)
-    singer = voice.make_artists(1, ["en"], seed=0)[0]
-    words = [("la", "a"), ("loo", "u"), ("see", "i"), ("oh", "o"), ("day", "e")]
-    out = []
-    for k, ch in enumerate(pick_chorales(N_CHORALES + 1, seed=11, cache_dir=CHORALE_CACHE)):
-        path = cache / f"{ch.name.replace('/', '__')}.npz"
-        if not path.is_file():
-            quarters = DURATION_S * BPM / 60
-            c, _ = loop_and_cut(ch, quarters, quarters)
-            n, sec = int(DURATION_S * SR), 60 / BPM
-            notes = [(m, on * sec, d * sec) for m, on, d in c.parts["Soprano"]]
-            stems = {
-                "vocal": voice.sing(notes, words * (len(notes) // len(words) + 1), singer, "formant", SR, k),
-                "true": render.render(render.arrange(c, "classical", BPM), SR, renderer, k),
-                "tritone": render.render(render.arrange(transposed(c, 6), "classical", BPM), SR, renderer, k),
-            }
-            tmp = path.with_suffix(f".{os.getpid()}.npz")
-            np.savez(tmp, **{stem: np.round(fit_length(y, n) * 32767).astype(np.int16) for stem, y in stems.items()})
-            tmp.replace(path)  # atomic: a concurrent session never reads half a file
-        with np.load(path) as z:
-            out.append({stem: z[stem].astype(np.float32) / 32767 for stem in z.files} | {"name": ch.name})
-    return out
-
-
 def test_harmonic_fit_separates_true_from_tritone_and_unrelated_accompaniments(chorale_renders) -> None:
     rows = []
     for i in range(N_CHORALES):

@@ -60,7 +60,12 @@ def test_report_renders_in_chromium_with_working_audio_and_mlflow_numbers(root: 
         page.goto(served(index.parent) + "/index.html", wait_until="networkidle")
 
         sources = page.eval_on_selector_all("audio", "els => els.map(e => e.getAttribute('src'))")
-        assert len(sources) >= 3  # vocal, ground truth and one output per model for at least one test vocal
+        # per test vocal: the vocal, then ground truth and each model as (mixed with the vocal, alone)
+        rows = page.locator("table[data-table='Per test vocal'] tr.sample")
+        assert rows.count() >= 1
+        assert rows.first.locator("audio").count() == 1 + 2 * (1 + len(evals))
+        labels = rows.first.locator(".player label").all_text_contents()
+        assert labels == ["with the vocal", "instrumental alone"] * (1 + len(evals))
         for src in sources:
             assert (index.parent / src).is_file(), src
             resp = page.request.get(served(index.parent) + "/" + src)
@@ -72,17 +77,26 @@ def test_report_renders_in_chromium_with_working_audio_and_mlflow_numbers(root: 
         images = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
         assert images and all(w > 0 for w in images)
 
-        # The aggregate table shows the numbers MLflow holds for each evaluation run.
+        # The aggregate table shows the numbers MLflow holds for each evaluation run, and the second model's
+        # paired difference from the first with its interval and n.
         header = page.eval_on_selector_all("table[data-table='Aggregate'] tr:first-child th",
                                            "els => els.map(e => e.textContent)")[1:]
         assert header == [e.ref for e in evals]
-        for metric in ("eval/harmonic_fit", "eval/fad"):
-            cells = page.eval_on_selector_all(
-                "table[data-table='Aggregate'] tr", f"""rows => rows.filter(r => r.querySelector('th')
-                    .textContent === '{metric}').map(r => [...r.querySelectorAll('td')].map(td => td.textContent))""")[0]
-            for cell, e in zip(cells, evals):
+        for metric in ("eval/harmonic_fit", "eval/rhythm_fit", "eval/fad"):
+            row = page.locator("table[data-table='Aggregate'] tr", has=page.locator(f"th:text-is('{metric}')"))
+            values = row.locator("td .value").all_text_contents()
+            for cell, e in zip(values, evals):
                 assert cell == f"{mlflow.get_run(e.eval_run_id).data.metrics[metric]:.4f}", (metric, e.ref)
-        assert page.locator("table[data-table^='Per genre'] td").count() > 0
-        assert page.locator("table[data-table^='Per language'] td").count() > 0
+            delta = row.locator("td .delta").first
+            n = len(evals[0].result.rows)
+            assert f"n={n}" in delta.text_content() and delta.get_attribute("data-verdict") in (
+                "better", "worse", "tie")
+            diff = float(delta.text_content().split()[1])
+            if metric != "eval/fad":  # a mean of paired differences is the difference of the means
+                want = mlflow.get_run(evals[1].eval_run_id).data.metrics[metric] - mlflow.get_run(
+                    evals[0].eval_run_id).data.metrics[metric]
+                assert diff == pytest.approx(want, abs=2e-4), metric
+        assert page.locator("table[data-table^='Per genre'] td .delta").count() > 0
+        assert page.locator("table[data-table^='Per language'] td .delta").count() > 0
         browser.close()
     assert errors == []
