@@ -316,10 +316,36 @@ def promote_cmd(backend: BackendOpt, version: Annotated[str | None, typer.Option
                   f"v{d.champion_before} {d.champion_eval_run_id or '-'}", highlight=False)
     for g in d.gates:
         console.print(f"  {g.line()}", highlight=False, markup=False)
-    verdict = f"promoted v{d.version} to champion" if d.promoted else f"refused v{d.version}: {d.reason}"
+    verdict = (f"promoted v{d.version} to champion" if d.promoted else f"v{d.version} not promoted yet, "
+               f"{d.reason}" if d.reason.startswith("waiting") else f"refused v{d.version}: {d.reason}")
     console.print(verdict)
     if not d.promoted:
         raise typer.Exit(1)
+
+
+@app.command("listen")
+def listen_cmd(backend: BackendOpt,
+               model: Annotated[list[str] | None, typer.Option(help="Two models to compare instead of challenger vs champion (NAME@alias, NAME/version); repeat.")] = None,
+               host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+               port: Annotated[int, typer.Option(help="0 = a free port.")] = 0,
+               params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Serve the blind A/B listening page; the votes feed the human_preference promotion gate."""
+    from tasks.listening.app import bind, create_app, serve
+    from tasks.listening.clips import prepare
+    from v2m.tracking import setup_mlflow
+    p = params_or_fail(params)
+    setup_mlflow(p, Path.cwd())
+    with user_errors():
+        ls = prepare(p, Path.cwd(), backend, model,
+                     progress=lambda m, c, reused: console.print(f"clip {m} {c}: {'from evaluation' if reused else 'generated'}"))
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"listening test: http://{shown}:{sock.getsockname()[1]}/listen  ({ls.models[0]} vs {ls.models[1]}, "
+                  f"{len(ls.chunks)} test vocals; votes in {p.listening.db})", highlight=False)
+    serve(create_app(p, Path.cwd(), ls), sock)
 
 
 @app.command("rollback")

@@ -14,6 +14,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from v2m.config_audioldm import AudioLDMConfig
 from v2m.config_base import Strict
+from v2m.config_listening import HumanPreferenceConfig, ListeningConfig
 from v2m.errors import UserError
 from v2m.config_musicgen import MusicGenConfig
 from v2m.config_serve import GenerateConfig, ServeConfig
@@ -164,6 +165,7 @@ class PromotionConfig(Strict):
     required_metrics: list[str] = ["eval/fad", "eval/harmonic_fit", "eval/rhythm_fit", "eval/chroma_cosine",
                                    "eval/sanity_pass"]
     manual_approval: bool = False
+    human_preference: HumanPreferenceConfig = HumanPreferenceConfig()  # the blind listening test's gate
 
 
 class RetrainConfig(Strict):
@@ -223,6 +225,7 @@ class Params(Strict):
     retrain: RetrainConfig = RetrainConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     promotion: PromotionConfig = PromotionConfig()
+    listening: ListeningConfig = ListeningConfig()
     generate: GenerateConfig = GenerateConfig()
     serve: ServeConfig = ServeConfig()
 

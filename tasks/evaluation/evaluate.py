@@ -186,6 +186,20 @@ def breakdowns(rows: list[dict[str, Any]], metric_names: list[str]) -> dict[str,
     return out
 
 
+def generate_chunk(backend: Backend, chunk: dict[str, Any], index: int, seed: int, duration_s: float,
+                   conditioning: str, template: str):
+    """Sample `index` of a split as every evaluation generates it: the vocal cut to `duration_s` (0 = all),
+    its prompt if the model takes text, seed `seed + index`. Returns (vocal, sr, reference, ref_sr, prompt,
+    seed, raw output, peak-normalised output) at backend.sample_rate; the listening test reuses it."""
+    vocal, sr = read_mono(chunk["vocals_path"])
+    reference, ref_sr = read_mono(chunk["instrumental_path"])
+    duration = min(len(vocal) / sr, duration_s or np.inf)
+    vocal, reference = vocal[: int(duration * sr)], reference[: int(duration * ref_sr)]
+    prompt = format_prompt(template, chunk) if conditioning == "voice_text" else None
+    raw = backend.generate(vocal, sr, prompt, duration, seed=seed + index, normalize=False)
+    return vocal, sr, reference, ref_sr, prompt, seed + index, raw, peak_normalize(raw)  # users hear the latter
+
+
 def evaluate(params: Params, root: Path, ref: str, split: str | None = None) -> EvalResult:
     import mlflow
     root = Path(root).resolve()
@@ -215,14 +229,8 @@ def evaluate(params: Params, root: Path, ref: str, split: str | None = None) -> 
         if key:
             mlflow.set_tag("eval_key", key)
         for i, chunk in enumerate(chunks):
-            vocal, sr = read_mono(chunk["vocals_path"])
-            reference, ref_sr = read_mono(chunk["instrumental_path"])
-            duration = min(len(vocal) / sr, cfg.duration_s or np.inf)
-            vocal, reference = vocal[: int(duration * sr)], reference[: int(duration * ref_sr)]
-            prompt = format_prompt(template, chunk) if conditioning == "voice_text" else None
-            seed = cfg.seed + i
-            raw = backend.generate(vocal, sr, prompt, duration, seed=seed, normalize=False)
-            out = peak_normalize(raw)  # what a user hears; sanity is measured on `raw`
+            vocal, sr, reference, ref_sr, prompt, seed, raw, out = generate_chunk(
+                backend, chunk, i, cfg.seed, cfg.duration_s, conditioning, template)
             metrics = compute_sample_metrics(vocal, sr, out, backend.sample_rate, chunk, prompt=prompt,
                                              clap=clap_for_score, raw=raw)
             rows.append({"chunk_id": chunk["chunk_id"], "track_id": chunk["track_id"], "genre": chunk["genre"],

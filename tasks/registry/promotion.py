@@ -101,7 +101,8 @@ def registry_lock(root: Path, backend: str, timeout_s: float = 120.0):
 
 
 def _record(client: MlflowClient, name: str, d: Decision) -> None:
-    tags = {"promotion.decision": "promoted" if d.promoted else "refused",
+    waits = d.waiting and all(g.status != FAIL for g in d.gates)  # held back only by missing evidence
+    tags = {"promotion.decision": "promoted" if d.promoted else "waiting" if waits else "refused",
             "promotion.reason": d.reason[:4000],
             "promotion.champion_before": str(d.champion_before),
             "promotion.gates": json.dumps({g.name: g.status for g in d.gates}),
@@ -134,6 +135,9 @@ def decide(params: Params, root: Path, backend: str, version: str | None = None,
     d.test_fingerprint, d.challenger_eval_run_id = cand.test_fingerprint, cand.run_id
     d.champion_eval_run_id = champ.run_id if champ else ""
     d.gates = run_gates(Evidence(params.promotion, cand, champ, tags, approved, reinstate))
+    if params.promotion.human_preference.required:  # the blind listening test (tasks/listening/gate.py)
+        from tasks.listening.gate import human_preference
+        d.gates.append(human_preference(params, root, backend, d.version, champion))
     return d
 
 
@@ -166,7 +170,8 @@ def promote(params: Params, root: Path, backend: str, version: str | None = None
                 else:
                     client.delete_registered_model_alias(name, CHAMPION)
             raise
-        action = ("reinstate" if d.reinstate else "promote") if d.promoted else "refuse"
+        waits = d.waiting and all(g.status != FAIL for g in d.gates)
+        action = ("reinstate" if d.reinstate else "promote") if d.promoted else "wait" if waits else "refuse"
         audit(params, root, backend, action, d.version, d.champion_before, alias_version(backend, CHAMPION),
               d.as_dict())
     return d

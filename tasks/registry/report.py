@@ -200,8 +200,10 @@ def _copy(src: Path, out: Path, stem: str) -> str:
     return f"{stem}.wav"
 
 
-def build_report(evals: list[ModelEval], out: Path, params: Params) -> Path:
-    """Write out/index.html with audio/ and img/ next to it; every link is relative."""
+def build_report(evals: list[ModelEval], out: Path, params: Params,
+                 listening: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write out/index.html with audio/ and img/ next to it; every link is relative. `listening`: the blind
+    listening test's results per model ref (tasks/listening/report.py), shown after the metric tables."""
     (out / "audio").mkdir(parents=True, exist_ok=True)
     (out / "img").mkdir(exist_ok=True)
     first = evals[0].result
@@ -219,6 +221,9 @@ def build_report(evals: list[ModelEval], out: Path, params: Params) -> Path:
         rows = [(f"{g} / {m} (n={sum(r[column] == g for r in first.rows)})", f"eval/{label}/{g}/{m}",
                  {r["chunk_id"] for r in first.rows if r[column] == g}) for g in groups for m in GROUP_METRICS]
         parts.append(_table(f"{title} ({', '.join(GROUP_METRICS)})", rows, evals, params))
+    if listening:
+        from tasks.listening.report import section
+        parts.append(section(listening, [e.ref for e in evals]))
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1em}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top}"
              ".value{display:block;font-weight:bold}.delta{display:block;font-size:85%;color:#444}"
@@ -244,7 +249,8 @@ def compare(params: Params, root: Path, refs: list[str]) -> tuple[Path, list[Mod
     if len(keys) > 1:
         raise UserError("the evaluations differ in test set or settings and cannot be compared: " + ", ".join(
             f"{e.ref}: {e.result.test_fingerprint}/{e.result.settings}" for e in evals))
-    index = build_report(evals, out, params)
+    from tasks.listening.report import listening_results
+    index = build_report(evals, out, params, listening_results(refs, scratch / "listening"))
     shutil.rmtree(scratch, ignore_errors=True)
     with mlflow.start_run(experiment_id=experiment_id(EXPERIMENTS["evaluation"], params, root),
                           run_name="compare " + " vs ".join(refs)) as run:
