@@ -19,10 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import librosa
-import soundfile as sf
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import v2m  # noqa: E402,F401  first: this process's numba cache slot (v2m/numba_cache.py)
+import librosa  # noqa: E402
+import soundfile as sf  # noqa: E402
 
 from tasks.data.normalize import normalize_dataset  # noqa: E402
 from tasks.data.segment import chunk_spans  # noqa: E402
