@@ -25,6 +25,9 @@ def write_params(root: Path, **serve: object) -> Path:
     raw["generate"].update({"max_duration_s": 60.0, "musicgen": {"window_s": 4.0, "stride_s": 3.0},
                             "audioldm": {"window_s": 4.0, "stride_s": 3.0}})
     raw["serve"].update(serve)
+    # This project's own store, named explicitly: an MLFLOW_TRACKING_URI left in the environment by an earlier
+    # test in the same process (mlflow.set_tracking_uri exports it) must not take the registrations elsewhere.
+    raw["tracking"]["uri"] = f"sqlite:///{root.resolve()}/.v2m/mlflow.db"
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     return root / "params.yaml"
 
