@@ -26,7 +26,7 @@ from prefect import flow
 from tasks.evaluation.evaluate import evaluate_task
 from tasks.handoff import checkout
 from tasks.orchestration import gpu_slot, team_mode
-from tasks.registry.promotion import promote_task, register_task
+from tasks.registry.promotion import earlier_decision, promote_task, register_task
 from tasks.training.finetune import finetune_task
 from v2m.config import Params, load_params
 from v2m.tracking import setup_mlflow
@@ -80,7 +80,8 @@ def evaluate_flow(model: str, project_dir: str = ".", presets: dict[str, str] | 
 def promote_flow(backend: str, run_id: str, eval_run_id: str, project_dir: str = ".") -> dict[str, Any]:
     root, params = project_params(project_dir)
     version = register_task(run_id, backend, eval_run_id)
-    decision = promote_task(params, root, backend, version)
+    # A version decided before (an unchanged re-run) keeps its decision; see earlier_decision.
+    decision = earlier_decision(backend, version) or promote_task(params, root, backend, version)
     return decision.as_dict()
 
 

@@ -177,6 +177,25 @@ def promote(params: Params, root: Path, backend: str, version: str | None = None
     return d
 
 
+def earlier_decision(backend: str, version: str) -> Decision | None:
+    """The decision a flow took on this version before, if it was final (promoted or refused), else None.
+
+    Flows re-decide nothing: an unchanged re-run of retrain registers the same versions again, and
+    re-deciding them in order would move the champion back to v1 and forward again (each older version
+    passes against the newer one within noise), churning the registry, the audit trail and every server
+    that follows the alias. A version that was waiting (for votes, or approval) is decided again; a person
+    re-decides any version with `v2m promote --version N`."""
+    tags = version_tags(backend, version)
+    if tags.get("promotion.decision") not in ("promoted", "refused"):
+        return None
+    champion_before = tags.get("promotion.champion_before")
+    return Decision(backend, str(version), None if champion_before in (None, "None") else champion_before,
+                    promoted=False, reason=f"decided before ({tags['promotion.decision']}): "
+                    + tags.get("promotion.reason", ""), test_fingerprint=tags.get("promotion.test_fingerprint", ""),
+                    challenger_eval_run_id=tags.get("promotion.challenger_eval_run_id", ""),
+                    champion_eval_run_id=tags.get("promotion.champion_eval_run_id", ""))
+
+
 def rollback(params: Params, root: Path, backend: str) -> tuple[str, str]:
     """Restore the champion that the current one replaced; returns (from, to)."""
     client, name = MlflowClient(), model_name(backend)

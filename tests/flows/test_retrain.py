@@ -10,7 +10,7 @@ from prefect.client.orchestration import get_client
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.retrain import retrain
-from tasks.registry.registry import CHAMPION, alias_version
+from tasks.registry.registry import CHAMPION, alias_version, audit_history
 from tasks.orchestration import retry_transient
 from tasks.training.finetune import finetune_task
 from v2m.config import load_params
@@ -26,8 +26,13 @@ def test_retrain_end_to_end_then_an_unchanged_rerun_trains_nothing(small_project
         assert entry["champion"] == alias_version(backend, CHAMPION) is not None
         assert Path(entry["report"]).is_file()
         assert entry["steps"][0]["promoted"]  # the first version becomes champion
+    params = load_params(small_project / "params.yaml")
+    audited = {b: len(audit_history(params, small_project, b)) for b in ("musicgen", "audioldm")}
     again = retrain(project_dir=str(small_project))
     assert again["data_version"] == first["data_version"]
+    # Nothing was re-decided: the champion never moved (not even back and forth), the audit trail is unchanged.
+    assert {b: len(audit_history(params, small_project, b)) for b in audited} == audited
+    assert not any(s["promoted"] for b in ("musicgen", "audioldm") for s in again["backends"][b]["steps"])
     for backend in ("musicgen", "audioldm"):
         assert [s["trained"] for s in again["backends"][backend]["steps"]] == [False] * len(first["backends"][backend]["steps"])
         assert [s["run_id"] for s in again["backends"][backend]["steps"]] == [s["run_id"] for s in first["backends"][backend]["steps"]]
