@@ -11,7 +11,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from flows.retrain import retrain
-from tasks.registry.promotion import rollback
+from tasks.registry.promotion import promote, rollback
 from tasks.registry.registry import CHAMPION, alias_version, model_name, version_tags
 from tests.conftest import COLUMNS, write_track
 from tests.flows.conftest import write_small_params
@@ -86,6 +86,10 @@ def test_week_two(small_project: Path, harness) -> None:
     third = retrain(**week)["backends"]["musicgen"]
     step = third["steps"][0]
     assert not step["trained"] and step["version"] == v2
-    assert not step["promoted"] and step["gates"]["not_rolled_back"] == "fail"
+    # The flow does not re-decide a version it decided before; asked directly, the gates refuse it too.
+    assert not step["promoted"] and step["reason"].startswith("decided before")
     assert third["champion"] == alias_version("musicgen", CHAMPION) == v1  # the rollback stuck
+    asked = promote(load_params(small_project / "params.yaml"), small_project, "musicgen", v2)
+    assert not asked.promoted and {g.name: g.status for g in asked.gates}["not_rolled_back"] == "fail"
+    assert alias_version("musicgen", CHAMPION) == v1
     assert evaluations_of(v1_run, fp2) == [tags["promotion.champion_eval_run_id"]]  # cached, not re-evaluated
