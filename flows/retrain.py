@@ -51,7 +51,7 @@ def retrain(project_dir: str = ".", backends: list[str] | None = None, musicgen_
                 run_step(params, "evaluate", evaluate_flow, model=f"{model_name(backend)}/{champion}",
                          project_dir=str(root), presets=presets, backend=backend, **version)
             decision = run_step(params, "promote", promote_flow, backend=backend, run_id=ft["run_id"],
-                                eval_run_id=ev["run_id"], project_dir=str(root))
+                                eval_run_id=ev["run_id"], project_dir=str(root), **version)
             log.info("%s %s: %s; v%s %s", backend, mode, "trained" if ft["trained"] else "cache hit",
                      decision["version"], "promoted" if decision["promoted"] else f"kept out: {decision['reason']}")
             steps.append({"mode": mode, "run_id": ft["run_id"], "trained": ft["trained"],

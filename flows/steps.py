@@ -77,8 +77,13 @@ def evaluate_flow(model: str, project_dir: str = ".", presets: dict[str, str] | 
 
 
 @flow(name="promote", persist_result=True)
-def promote_flow(backend: str, run_id: str, eval_run_id: str, project_dir: str = ".") -> dict[str, Any]:
+def promote_flow(backend: str, run_id: str, eval_run_id: str, project_dir: str = ".",
+                 data_version: str = "") -> dict[str, Any]:
+    """data_version: team mode, fetch that version's test manifest first: the gates compare evaluations on
+    the current test set, whose fingerprint comes from it ("" = use the data here)."""
     root, params = project_params(project_dir)
+    if data_version:
+        checkout(root, params, data_version, [f"data/segments/{backend}.jsonl"])
     version = register_task(run_id, backend, eval_run_id)
     # A version decided before (an unchanged re-run) keeps its decision; see earlier_decision.
     decision = earlier_decision(backend, version) or promote_task(params, root, backend, version)

@@ -38,13 +38,19 @@ def setup_mlflow(params: Params, root: Path) -> str:
 def experiment_id(name: str, params: Params, root: Path) -> str:
     """Get or create an experiment; embedded stores keep artifacts under .v2m/mlartifacts/<name>."""
     import mlflow
+    from mlflow.exceptions import MlflowException
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = params.tracking.artifact_location or None
     if location is None and tracking_uri(params, root).startswith("sqlite:"):
         location = (Path(root) / ".v2m" / "mlartifacts" / name).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:  # another job created it meanwhile (two GPUs, one host)
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 def git_commit(root: Path) -> str:

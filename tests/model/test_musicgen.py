@@ -276,8 +276,12 @@ def test_generated_codes_follow_the_melody_and_the_prompt(monkeypatch):
     vocal, _ = synth_stems(seed=6, seconds=1.0, sr=SR)
     other_vocal, _ = synth_stems(seed=8, seconds=1.0, sr=SR)
     disco, metal = "disco music for input vocals", "An aggressive metal track with drums and guitar."
+    final = []  # the codes each generate() decoded last (long-form generation may decode more than once)
     for v, prompt in ((vocal, disco), (vocal, disco), (other_vocal, disco), (vocal, metal)):
+        codes.clear()
         backend.generate(v, SR, prompt, 0.5, seed=11)
+        final.append(codes[-1])
+    codes = final
     same, melody, text = (torch.equal(codes[0], c) for c in codes[1:])
     assert same and codes[0].shape[-1] == 25  # 0.5 s of 50 Hz frames, deterministic for a seed
     assert not melody, "a different melody gave the same codes: generate() ignores the melody"
