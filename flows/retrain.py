@@ -53,7 +53,8 @@ def retrain(project_dir: str = ".", backends: list[str] | None = None, musicgen_
             decision = run_step(params, "promote", promote_flow, backend=backend, run_id=ft["run_id"],
                                 eval_run_id=ev["run_id"], project_dir=str(root), **version)
             log.info("%s %s: %s; v%s %s", backend, mode, "trained" if ft["trained"] else "cache hit",
-                     decision["version"], "promoted" if decision["promoted"] else f"kept out: {decision['reason']}")
+                     decision["version"], "promoted" if decision["promoted"] else decision["reason"]
+                     if decision["reason"].startswith("decided before") else f"kept out: {decision['reason']}")
             steps.append({"mode": mode, "run_id": ft["run_id"], "trained": ft["trained"],
                           "eval_run_id": ev["run_id"], "version": decision["version"], "promoted": decision["promoted"],
                           "reason": decision["reason"], "test_fingerprint": decision["test_fingerprint"],
