@@ -1,6 +1,15 @@
 """voice2music's ground floor. Importing it gives this process its own numba cache slot (see numba_cache.py)
-before any librosa code is compiled: every entry point (CLI, DVC stages, pool workers, flows) imports v2m."""
+before any librosa code is compiled, and makes sure Prefect's home folder exists: every entry point (CLI, DVC
+stages, pool workers, flows, the tests) imports v2m before prefect."""
+
+import os
+from pathlib import Path
 
 from v2m import numba_cache
 
 numba_cache.claim()
+
+# Prefect creates PREFECT_HOME with a plain mkdir (no parents): on a fresh clone `.v2m/` does not exist yet, so
+# the temporary server's SQLite file could not be opened and every client call timed out (CI, 2026-12-02).
+if os.environ.get("PREFECT_HOME"):
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)

@@ -135,3 +135,14 @@ def test_deploy_writes_the_configured_repository_and_commit_into_the_pull_steps(
     assert "branch" not in pinned[0]["prefect.deployments.steps.git_clone"]  # git_clone takes one of the two
     with pytest.raises(UserError, match="orchestration.code.repository"):
         pull_steps(CodeSource())
+
+
+def test_importing_v2m_creates_a_missing_prefect_home_so_a_fresh_clone_can_start_prefect(tmp_path) -> None:
+    # On a fresh clone `.v2m/` does not exist; Prefect's own mkdir has no parents, and its temporary server then
+    # cannot open its database (CI failed this way). The project's entry points all import v2m first.
+    home = tmp_path / "clone" / ".v2m" / "prefect"
+    env = {**__import__("os").environ, "PREFECT_HOME": str(home)}
+    res = subprocess.run([sys.executable, "-c", "import v2m, prefect.context"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert home.is_dir() and "Failed to create the Prefect home directory" not in res.stderr
