@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from v2m.s3server import SeaweedS3, free_port
-from v2m.stack_init import BUCKETS, HEARTBEAT_S, QUIET, RESULTS_BLOCK, init_services
+from v2m.stack_init import BUCKETS, HEARTBEAT_S, WORKER_POLL_S, QUIET, RESULTS_BLOCK, init_services
 
 POOLS = {"cpu": "process", "gpu-a40": "process"}  # here both pools run as local process workers
 # S3 keys per host role, each reaching only the buckets that role needs ("r" read, "rw" read and write).
@@ -179,6 +179,8 @@ class Stack:
         name = name or f"worker-{pool}-{directory.name}"
         env = {**self.client_env(POOL_ROLE[pool]), "PREFECT_HOME": str(directory / ".prefect"),
                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+               # Prefect's default poll is 10 s: every step of a team retrain waited 5 s on average to start.
+               "PREFECT_WORKER_QUERY_SECONDS": str(WORKER_POLL_S),
                "TMPDIR": str(directory / "tmp"), "V2M_GPU_LOCK_DIR": str(directory / ".gpu-locks")}
         limit: list[str] = []
         if pool != "cpu":  # the cpu pool has no limit: the parent flow waits there for its cpu steps
