@@ -34,6 +34,17 @@ def small_project(project: Path, monkeypatch) -> Path:
     return project
 
 
+def stop_stack(st) -> dict:
+    """Stop a team stack after sending this process's queued Prefect events and logs while its server is still
+    up. Prefect keeps an events worker per API URL for the whole process and prefect_test_harness drains them
+    all when it exits: one still aimed at a stopped stack retried for ~70 s (test_week_two's teardown)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    for service in (EventsWorker, APILogWorker):
+        service.drain_all(timeout=30)
+    return st.down()
+
+
 @pytest.fixture
 def team_servers(tmp_path):
     """`team_servers(gpus)` starts the team stack's servers alone (workers are the test's own); stops them."""
@@ -47,4 +58,4 @@ def team_servers(tmp_path):
         return st
     yield up
     for st in started:
-        st.down()
+        stop_stack(st)

@@ -12,6 +12,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from v2m.s3server import SeaweedS3
+from tests.flows.conftest import stop_stack
 from v2m.stack import Stack
 
 
@@ -20,7 +21,7 @@ def servers(tmp_path_factory):
     st = Stack(tmp_path_factory.mktemp("auth") / "stack")
     state = st.up(servers_only=True, gpus=3)
     yield st, state
-    st.down()
+    stop_stack(st)
 
 
 def status(url: str, auth: tuple[str, str] | None = None, auth_string: str = "", data: bytes | None = None) -> int:

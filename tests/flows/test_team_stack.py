@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.steps import finetune_flow
 from v2m.s3server import SeaweedS3
+from tests.flows.conftest import stop_stack
 from v2m.stack import Stack
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +29,7 @@ def stack(tmp_path: Path):
     st = Stack(tmp_path / "stack")
     state = st.up()
     yield st, state
-    st.down()
+    stop_stack(st)
 
 
 def test_a_deployment_runs_on_the_gpu_pool_worker_with_runs_in_mlflow_and_artifacts_in_s3(
@@ -68,6 +69,6 @@ def test_a_deployment_runs_on_the_gpu_pool_worker_with_runs_in_mlflow_and_artifa
     shown = str(runs[0].data.params) + str(runs[0].data.tags)
     assert not any(secret in shown for secret in secrets)
 
-    stopped = st.down()
+    stopped = stop_stack(st)
     assert {"seaweedfs", "mlflow", "prefect", "worker-cpu-cpu", "worker-gpu-a40-gpu-a40"} <= set(stopped)
     assert not any(listening(u) for u in (state["s3_url"], state["mlflow_url"], state["prefect_url"]))
