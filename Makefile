@@ -35,7 +35,6 @@ bench: setup
 	$(BIN)/python bench/serve.py --backend audioldm
 
 setup: $(STAMP)
-	@mkdir -p $(PREFECT_HOME)
 
 # torch: the CPU wheel of 2.13.0 (0.75 GB installed) rather than the newest in pyproject's range, which this
 # registry serves as 2.14.1's CUDA build (4.4 GB with its nvidia-* wheels). GPU hosts install a CUDA build.

@@ -24,6 +24,15 @@ from tasks.registry.registry import CHAMPION, alias_version, model_name
 from tasks.registry.report import compare_task
 
 
+def outcome_line(decision: dict[str, Any]) -> str:
+    """How the log tells a promotion step's decision ("decided before ..." is an earlier, final one)."""
+    if decision["promoted"]:
+        return "promoted"
+    if decision["reason"].startswith("decided before"):
+        return decision["reason"]
+    return f"kept out: {decision['reason']}"
+
+
 @flow(name="retrain", persist_result=True)
 def retrain(project_dir: str = ".", backends: list[str] | None = None, musicgen_stages: list[str] | None = None,
             audioldm_variants: list[str] | None = None, presets: dict[str, str] | None = None,
@@ -53,8 +62,7 @@ def retrain(project_dir: str = ".", backends: list[str] | None = None, musicgen_
             decision = run_step(params, "promote", promote_flow, backend=backend, run_id=ft["run_id"],
                                 eval_run_id=ev["run_id"], project_dir=str(root), **version)
             log.info("%s %s: %s; v%s %s", backend, mode, "trained" if ft["trained"] else "cache hit",
-                     decision["version"], "promoted" if decision["promoted"] else decision["reason"]
-                     if decision["reason"].startswith("decided before") else f"kept out: {decision['reason']}")
+                     decision["version"], outcome_line(decision))
             steps.append({"mode": mode, "run_id": ft["run_id"], "trained": ft["trained"],
                           "eval_run_id": ev["run_id"], "version": decision["version"], "promoted": decision["promoted"],
                           "reason": decision["reason"], "test_fingerprint": decision["test_fingerprint"],

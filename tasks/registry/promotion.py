@@ -63,6 +63,13 @@ class Decision:
     def waiting(self) -> list[str]:
         return [g.name for g in self.gates if g.status == WAITING]
 
+    @property
+    def outcome(self) -> str:
+        """promoted, waiting (held back only by missing evidence: votes, approval) or refused."""
+        if self.promoted:
+            return "promoted"
+        return "waiting" if self.waiting and all(g.status != FAIL for g in self.gates) else "refused"
+
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "passed": self.passed}
 
@@ -101,8 +108,7 @@ def registry_lock(root: Path, backend: str, timeout_s: float = 120.0):
 
 
 def _record(client: MlflowClient, name: str, d: Decision) -> None:
-    waits = d.waiting and all(g.status != FAIL for g in d.gates)  # held back only by missing evidence
-    tags = {"promotion.decision": "promoted" if d.promoted else "waiting" if waits else "refused",
+    tags = {"promotion.decision": d.outcome,
             "promotion.reason": d.reason[:4000],
             "promotion.champion_before": str(d.champion_before),
             "promotion.gates": json.dumps({g.name: g.status for g in d.gates}),
@@ -170,8 +176,8 @@ def promote(params: Params, root: Path, backend: str, version: str | None = None
                 else:
                     client.delete_registered_model_alias(name, CHAMPION)
             raise
-        waits = d.waiting and all(g.status != FAIL for g in d.gates)
-        action = ("reinstate" if d.reinstate else "promote") if d.promoted else "wait" if waits else "refuse"
+        action = {"promoted": "reinstate" if d.reinstate else "promote", "waiting": "wait",
+                  "refused": "refuse"}[d.outcome]
         audit(params, root, backend, action, d.version, d.champion_before, alias_version(backend, CHAMPION),
               d.as_dict())
     return d

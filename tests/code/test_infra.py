@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,7 +142,7 @@ def test_importing_v2m_creates_a_missing_prefect_home_so_a_fresh_clone_can_start
     # On a fresh clone `.v2m/` does not exist; Prefect's own mkdir has no parents, and its temporary server then
     # cannot open its database (CI failed this way). The project's entry points all import v2m first.
     home = tmp_path / "clone" / ".v2m" / "prefect"
-    env = {**__import__("os").environ, "PREFECT_HOME": str(home)}
+    env = {**os.environ, "PREFECT_HOME": str(home)}
     res = subprocess.run([sys.executable, "-c", "import v2m, prefect.context"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr

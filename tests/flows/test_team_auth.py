@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 from botocore.exceptions import ClientError
 
-from v2m.s3server import SeaweedS3
 from tests.flows.conftest import stop_stack
+from v2m.s3server import SeaweedS3
 from v2m.stack import Stack
 
 
