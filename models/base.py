@@ -138,6 +138,27 @@ class Backend(abc.ABC):
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for memory; backends whose modules support it override this."""
 
+    # --- data-parallel training (tasks/training/distributed.py) ---------------------------------------
+    @abc.abstractmethod
+    def trained_module(self) -> nn.Module:
+        """The one module whose forward train_step calls once per batch (it holds every trainable weight):
+        what data-parallel training wraps (DistributedDataParallel) or shards (FSDP)."""
+
+    def shard_units(self) -> list[nn.Module]:
+        """Blocks of trained_module() that FSDP shards one by one (each gathered only while it runs)."""
+        return []
+
+    _train_wrapper: nn.Module | None = None
+
+    def set_train_wrapper(self, wrapper: nn.Module | None) -> None:
+        """Route train_step's training forward through `wrapper` (a DistributedDataParallel around
+        trained_module()); None = call the module itself. Validation and generation never use the wrapper."""
+        self._train_wrapper = wrapper
+
+    def train_call(self, train: bool) -> nn.Module:
+        """What train_step calls: the wrapper when training data-parallel, else trained_module()."""
+        return self._train_wrapper if (train and self._train_wrapper is not None) else self.trained_module()
+
     # --- generate -----------------------------------------------------------------------------------
     def generate(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float,
                  seed: int = 0, guidance_scale: float | None = None, steps: int | None = None,

@@ -185,6 +185,12 @@ class MusicGenBackend(Backend):
         else:
             decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def trained_module(self) -> torch.nn.Module:
+        return self.model  # one call per batch; T5 and EnCodec inside it are frozen
+
+    def shard_units(self) -> list[torch.nn.Module]:
+        return list(self.model.decoder.model.decoder.layers)
+
     # --- audio <-> codes --------------------------------------------------------------------------------
     @property
     def num_codebooks(self) -> int:
@@ -301,7 +307,7 @@ class MusicGenBackend(Backend):
         for i, (c, _) in enumerate(crops):
             codes[i, :, : c.shape[1]] = torch.from_numpy(c.astype(np.int64))
         labels = self.delay_labels(codes.to(self.device))
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, input_features=features, labels=labels)
+        out = self.train_call(train)(input_ids=input_ids, attention_mask=attention_mask, input_features=features, labels=labels)
         return out, labels
 
     def train_step(self, batch: list[dict[str, Any]], conditioning: str, generator: torch.Generator,

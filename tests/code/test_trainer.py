@@ -43,8 +43,11 @@ class ToyBackend(Backend):
         y = torch.tensor(np.stack([b["y"] for b in batch]), dtype=torch.float32)
         if train:  # a random augmentation drawn from the trainer's generator
             x = x + 0.01 * torch.randn(x.shape, generator=generator)
-        loss = nn.functional.mse_loss(self.module(x).squeeze(-1), y)
+        loss = nn.functional.mse_loss(self.train_call(train)(x).squeeze(-1), y)
         return loss, {"loss": loss.item(), "tokens": float(len(batch))}
+
+    def trained_module(self):
+        return self.module
 
     def synthesize(self, vocal, vocal_sr, prompt, duration_s, seed=0, guidance_scale=None, steps=None):
         return np.zeros(int(duration_s * self.sample_rate), np.float32)
