@@ -1,6 +1,7 @@
 """One process of a data-parallel training job on the tiny MusicGen-Melody (run by torchrun, or alone):
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/model/dp_worker.py OUT BATCH PARALLEL [CKPT_URI]
+    python -m torch.distributed.run --nproc-per-node 2 tests/model/dp_worker.py OUT BATCH PARALLEL \
+        [--uri s3://bucket/prefix] [--stop-after STEPS]
 
 Trains STEPS optimizer steps of 2 micro-batches each through the project's trainer and writes, from rank 0,
 OUT/result.json (losses, how the model was shared, where it resumed) and OUT/final.safetensors (the trained
@@ -10,6 +11,7 @@ condition dropout, whole items, so N processes at BATCH compute what one process
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -38,23 +40,30 @@ def items() -> list[dict]:
              "prompt": "disco music for input vocals"} for _ in range(ITEMS)]
 
 
-def main(out: Path, batch_size: int, parallel: str, uri: str = "") -> None:
+def main(out: Path, batch_size: int, parallel: str, uri: str, stop_after: int | None) -> None:
     cfg = MusicGenConfig(preset="t", presets={"t": MusicGenPreset(arch=MusicGenArch(dropout=0.0))}, crop_s=SECONDS,
                          condition_dropout=ConditionDropout(joint=0.0, text=0.0, chroma=0.0))
     tcfg = TrainConfig(max_steps=STEPS, batch_size=batch_size, grad_accum=2, lr=3e-3, warmup_steps=1,
-                       weight_decay=0.1, crop_s=SECONDS, checkpoint_every=2, val_every=2, samples=0, parallel=parallel,
-                       checkpoint_uri=uri)
+                       weight_decay=0.1, crop_s=SECONDS, checkpoint_every=2, val_every=2, samples=0,
+                       checkpoint_uri=uri, **({"parallel": parallel} if parallel != "ddp" else {}))
     with distributed.process_group("cpu"):
         backend = MusicGenBackend.from_preset(cfg, "t", seed=0)
         data = items()
-        result = train(backend, data, data[:2], tcfg, "voice_text", out / "run", seed=3)
+        result = train(backend, data, data[:2], tcfg, "voice_text", out / "run", seed=3, stop_after=stop_after)
         if distributed.is_main():
-            (out / "result.json").write_text(json.dumps({"losses": result.losses, "parallel": result.parallel,
-                                                         "resumed_from": result.resumed_from,
-                                                         "world": distributed.world_size()}))
+            (out / "result.json").write_text(json.dumps({
+                "losses": result.losses, "parallel": getattr(result, "parallel", "?"),
+                "resumed_from": result.resumed_from, "world": distributed.world_size()}))
             from safetensors.torch import save_file
             save_file(load_checkpoint(result.checkpoint)["model"], str(out / "final.safetensors"))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *(sys.argv[4:5]))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("batch_size", type=int)
+    ap.add_argument("parallel")
+    ap.add_argument("--uri", default="")
+    ap.add_argument("--stop-after", type=int)
+    a = ap.parse_args()
+    main(a.out, a.batch_size, a.parallel, a.uri, a.stop_after)
