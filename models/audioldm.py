@@ -254,6 +254,12 @@ class AudioLDMBackend(Backend):
     def trained_module(self) -> nn.Module:
         return self.unet
 
+    def conditions_in_use(self) -> tuple[str, ...]:
+        """The text always; the vocal once its class-projection columns are not all zero (a pretrained AudioLDM
+        starts with them zero, i.e. deaf to the vocal, until fine-tuning teaches it to listen)."""
+        vocal_columns = self.unet.class_embedding.weight[:, self.embed_dim:]
+        return ("melody", "prompt") if bool(vocal_columns.abs().max() > 0) else ("prompt",)
+
     def shard_units(self) -> list[nn.Module]:
         return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
 

@@ -170,6 +170,18 @@ class Backend(abc.ABC):
         raw = self.synthesize(vocal, vocal_sr, prompt, duration_s, seed, guidance_scale, steps)
         return peak_normalize(raw) if normalize else raw
 
+    def probe(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float, seed: int = 0,
+              steps: int | None = None) -> np.ndarray:
+        """What the model itself generates, before any decoding a backend can do without it (MusicGen: its
+        codes), for comparing outputs (models/conditioning.py)."""
+        return self.synthesize(vocal, vocal_sr, prompt, duration_s, seed, steps=steps)
+
+    def conditions_in_use(self) -> tuple[str, ...]:
+        """The conditions this model's generation must follow: "melody" (the vocal) and "prompt"."""
+        return ("melody", "prompt")
+
+    conditioning: dict | None = None  # the last conditioning check's result (models/conditioning.py), if run
+
     @abc.abstractmethod
     def synthesize(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float,
                    seed: int = 0, guidance_scale: float | None = None, steps: int | None = None) -> np.ndarray:

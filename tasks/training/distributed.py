@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import json
 import os
 import subprocess
@@ -175,10 +176,12 @@ class Replicated(Single):
         from torch.nn.parallel import DistributedDataParallel
         super().__init__(backend)
         device = backend.device
-        # broadcast_buffers=False: no trained part has running statistics, and validation (plain module) must
-        # not start a collective. The constructor copies rank 0's weights to every process.
+        # No buffer syncing in forward: no trained part has running statistics (torch >= 2.12 names the switch
+        # forward_sync_buffers). The constructor copies rank 0's weights and buffers to every process.
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+            DistributedDataParallel.__init__).parameters else "broadcast_buffers"
         self.ddp = DistributedDataParallel(backend.trained_module(), device_ids=[device] if device.type == "cuda"
-                                           else None, broadcast_buffers=False, gradient_as_bucket_view=True)
+                                           else None, gradient_as_bucket_view=True, **{no_sync: False})
         backend.set_train_wrapper(self.ddp)
 
     def accumulating(self, last: bool):
