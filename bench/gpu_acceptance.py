@@ -221,7 +221,8 @@ def real_time_factor(R: Report, backend, device: str, durations: tuple[float, fl
         sync(torch.device(device))
         took = time.perf_counter() - t
         if not (np.isfinite(audio).all() and len(audio) == round(seconds * backend.sample_rate)):
-            raise AssertionError(f"{backend.name} {seconds:g} s: {len(audio)} samples, finite {np.isfinite(audio).all()}")
+            raise AssertionError(f"{backend.name} {seconds:g} s: {len(audio)} samples, "
+                                 f"finite {np.isfinite(audio).all()}")
         R.data.setdefault(key, {})[backend.name] = round(took / seconds, 4)
         print(f"[generate] {backend.name} {seconds:g} s: {took:.1f} s, real-time factor {took / seconds:.3f} "
               f"(< 1: faster than real time)", flush=True)
@@ -235,7 +236,8 @@ def train_and_resume(R: Report, backend, device: str, args, work: Path) -> None:
     name = backend.name
     cfg = profile(name, args.tiny, args.steps)
     data = items(backend, cfg.crop_s, cfg.batch_size * cfg.grad_accum * args.steps)
-    flops = micro_batch_flops(backend, data[:cfg.batch_size], device) * cfg.grad_accum
+    # counted on one item (without activation checkpointing every activation is kept: one item's worth)
+    flops = micro_batch_flops(backend, data[:1], device) * cfg.batch_size * cfg.grad_accum
     free(device)
     logged: list[dict] = []
     run = work / name

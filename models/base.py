@@ -115,7 +115,8 @@ class Backend(abc.ABC):
         return ((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.trainable_parameters()}
+        """A CPU copy of every trainable tensor (a checkpoint's model file): no second copy on the GPU."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.trainable_parameters()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.trainable_parameters())

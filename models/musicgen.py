@@ -307,7 +307,8 @@ class MusicGenBackend(Backend):
         for i, (c, _) in enumerate(crops):
             codes[i, :, : c.shape[1]] = torch.from_numpy(c.astype(np.int64))
         labels = self.delay_labels(codes.to(self.device))
-        out = self.train_call(train)(input_ids=input_ids, attention_mask=attention_mask, input_features=features, labels=labels)
+        out = self.train_call(train)(input_ids=input_ids, attention_mask=attention_mask, input_features=features,
+                                     labels=labels)
         return out, labels
 
     def train_step(self, batch: list[dict[str, Any]], conditioning: str, generator: torch.Generator,

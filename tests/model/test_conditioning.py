@@ -56,7 +56,8 @@ def test_audioldm_needs_the_vocal_only_once_it_has_learned_to_listen(params) -> 
     # a base AudioLDM's vocal columns are zero by design: it hears the text only, and that is checked
     assert require_conditioning(model).conditioning == {"melody": "unused", "prompt": True}
     with torch.no_grad():  # what fine-tuning does: the vocal columns move away from zero
-        model.unet.class_embedding.weight[:, model.embed_dim:].normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        vocal_columns = model.unet.class_embedding.weight[:, model.embed_dim:]
+        vocal_columns.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
     assert conditioning_check(model) == {"melody": True, "prompt": True}
     deafen(model.unet.class_embedding)  # now neither embedding reaches the UNet
     with pytest.raises(ConditioningIgnoredError, match="ignores the prompt"):
