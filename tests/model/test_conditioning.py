@@ -1,8 +1,12 @@
 """A model whose generation ignores its conditions is refused: by the check itself, and by `v2m serve`'s
-readiness (the model never serves; /readyz says why)."""
+readiness (the model never serves; /readyz says why); and the check catches the transformers 5.17 regression."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -90,3 +94,27 @@ def test_serve_refuses_a_model_that_ignores_the_melody(params, tmp_path: Path) -
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_the_check_refuses_musicgen_under_transformers_5_17(tmp_path: Path) -> None:
+    """The real regression: transformers 5.17 (the lent GPU image's, with its huggingface-hub 1.33) generates
+    the same codes whatever the melody and the prompt; 5.24 and later do not (the other tests here)."""
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    pins = ["transformers==5.17.0", "huggingface-hub==1.33.0"]
+    subprocess.run([*pip, "download", "--no-deps", "--only-binary=:all:", "-d", str(tmp_path / "whl"), *pins],
+                   check=True, timeout=600)
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(tmp_path / "site"),
+                    *map(str, (tmp_path / "whl").glob("*.whl"))], check=True, timeout=600)
+    script = ("import transformers, json\n"
+              "from models import get_backend\n"
+              "from models.conditioning import conditioning_check\n"
+              "from v2m.config import load_params\n"
+              "p = load_params('params.yaml')\n"
+              "m = get_backend('musicgen').from_preset(p.musicgen, 'tiny', seed=0)\n"
+              "print(json.dumps([transformers.__version__, conditioning_check(m)]))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    version, result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert version == "5.17.0" and result == {"melody": False, "prompt": False}
