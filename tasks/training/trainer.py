@@ -263,6 +263,7 @@ def train(backend: Backend, train_items: Sequence[dict[str, Any]], val_items: Se
             dp.close()
     result = run.result
     if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)  # a run stopped before its first checkpoint has none yet
         (run_dir / "losses.json").write_text(json.dumps({"losses": result.losses, "resumed_from": result.resumed_from,
                                                         "val_losses": result.val_losses}))
     return result
