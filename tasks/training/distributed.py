@@ -12,7 +12,8 @@ How the processes stay one model (TrainConfig.parallel):
   own storage (gradient_as_bucket_view: no transient copies). A parameter that got no gradient stays without
   one, so AdamW leaves it alone. bench/ddp_vs_average.py measured it against the hand-rolled average that came
   before (one flat all-reduce after the backward pass, transient copies of every gradient) on 2 gloo processes,
-  27 M trained parameters: 1.22x faster at 1 micro-batch per step, 1.01x at 4 (less to overlap). DDP was kept.
+  27 M trained parameters, on a shared 2-core machine: 1.22x faster at 1 micro-batch per step, 1.01x and 1.16x
+  (two runs) at 4, where there is less to overlap. DDP was kept.
 - "fsdp": FSDP2 (fully_shard) on the backend's blocks (Backend.shard_units) and then the whole trained module:
   parameters, gradients and optimizer state are sharded, for a model whose training state does not fit one
   GPU. Checkpoints are gathered into full tensors (rank 0 writes the same files as with ddp).
