@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test setup sysdeps bench clean
+.PHONY: demo test setup sysdeps bench clean gpu-wheelhouse
 
 demo: setup
 	$(BIN)/v2m data demo --out data/raw
@@ -61,6 +61,18 @@ sysdeps:
 	      || echo "warning: could not install$$missing; the demo will use the pure-Python synths"; \
 	  else echo "note:$$missing not installed; the demo will use the pure-Python synths"; fi; \
 	fi
+
+# The wheels the lent GPU image lacks (bench/gpu_wheels.txt), for its CPython 3.12 on x86-64 Linux: that machine
+# reaches no registry, so bench/gpu_acceptance.sh installs them from here. Must stay under 64 MiB (what travels).
+WHEELHOUSE ?= .wheelhouse
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheelhouse:
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d $(WHEELHOUSE) -r bench/gpu_wheels.txt
+	@size=$$(du -sm $(WHEELHOUSE) | cut -f1); ls $(WHEELHOUSE); echo "$(WHEELHOUSE): $$size MiB"; \
+	  test $$size -lt 64 || { echo "$(WHEELHOUSE) is over 64 MiB: it would not travel to the GPU machine"; exit 1; }
 
 clean:
 	rm -rf data/validated data/normalized data/labelled data/split data/segments .v2m/prefect

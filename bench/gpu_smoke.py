@@ -106,6 +106,24 @@ def audioldm_s_unet(class_dim: int):
         projection_class_embeddings_input_dim=class_dim, class_embeddings_concat=True)
 
 
+def audioldm_s_vae():
+    """AudioLDM-S's VAE as diffusers converts it: 3 levels (128/256/512), 8 latent channels, one-channel log-mels."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(128, 256, 512),
+                         latent_channels=8, layers_per_block=2, norm_num_groups=32, sample_size=512,
+                         scaling_factor=0.9227914214134216)
+
+
+def audioldm_s_vocoder():
+    """AudioLDM-S's HiFi-GAN (SpeechT5HifiGan): 64 mel bins at 16 kHz, upsampling 5*4*2*2*2 from 1024 channels."""
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+    return SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=64, sampling_rate=16000, upsample_initial_channel=1024, upsample_rates=[5, 4, 2, 2, 2],
+        upsample_kernel_sizes=[16, 16, 8, 4, 4], resblock_kernel_sizes=[3, 7, 11],
+        resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]], normalize_before=False))
+
+
 def audioldm(args, device: torch.device, dtype) -> None:
     from models.audioldm import AudioLDMBackend
     from models.audioldm_tiny import build_tiny

@@ -3,7 +3,13 @@ by name is the only place the rest of the code knows there are two."""
 
 from __future__ import annotations
 
+import os
+
 import v2m  # noqa: F401  first: this process's numba cache slot (v2m/numba_cache.py)
+
+# cuBLAS reads its workspace setting once, when CUDA starts; deterministic training (tasks/training/trainer.py)
+# needs this one. Every entry point imports `models` before it builds a model on a GPU.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 BACKENDS = ("musicgen", "audioldm")
 

@@ -251,6 +251,18 @@ class AudioLDMBackend(Backend):
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
 
+    def trained_module(self) -> nn.Module:
+        return self.unet
+
+    def conditions_in_use(self) -> tuple[str, ...]:
+        """The text always; the vocal once its class-projection columns are not all zero (a pretrained AudioLDM
+        starts with them zero, i.e. deaf to the vocal, until fine-tuning teaches it to listen)."""
+        vocal_columns = self.unet.class_embedding.weight[:, self.embed_dim:]
+        return ("melody", "prompt") if bool(vocal_columns.abs().max() > 0) else ("prompt",)
+
+    def shard_units(self) -> list[nn.Module]:
+        return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+
     def crop(self, latents: list[np.ndarray], generator: torch.Generator, train: bool) -> torch.Tensor:
         """Same-length windows [B, C, L, F] of crop_s (or the shortest item): random offsets when training,
         the start otherwise. L is a whole number of UNet blocks."""
@@ -279,7 +291,8 @@ class AudioLDMBackend(Backend):
         target = self.scheduler.get_velocity(x0, noise, t) \
             if self.scheduler.config.prediction_type == "v_prediction" else noise
         self.unet.train(train)
-        loss = F.mse_loss(self.predict_noise(x_t, t, cond).float(), target.float())
+        eps = self.train_call(train)(x_t, t, encoder_hidden_states=None, class_labels=cond).sample
+        loss = F.mse_loss(eps.float(), target.float())
         return loss, {"loss": float(loss.detach()), "text_kept": float(keep_text.float().mean()),
                       "vocal_kept": float(keep_vocal.float().mean())}
 

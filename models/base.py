@@ -115,7 +115,8 @@ class Backend(abc.ABC):
         return ((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.trainable_parameters()}
+        """A CPU copy of every trainable tensor (a checkpoint's model file): no second copy on the GPU."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.trainable_parameters()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.trainable_parameters())
@@ -138,6 +139,27 @@ class Backend(abc.ABC):
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for memory; backends whose modules support it override this."""
 
+    # --- data-parallel training (tasks/training/distributed.py) ---------------------------------------
+    @abc.abstractmethod
+    def trained_module(self) -> nn.Module:
+        """The one module whose forward train_step calls once per batch (it holds every trainable weight):
+        what data-parallel training wraps (DistributedDataParallel) or shards (FSDP)."""
+
+    def shard_units(self) -> list[nn.Module]:
+        """Blocks of trained_module() that FSDP shards one by one (each gathered only while it runs)."""
+        return []
+
+    _train_wrapper: nn.Module | None = None
+
+    def set_train_wrapper(self, wrapper: nn.Module | None) -> None:
+        """Route train_step's training forward through `wrapper` (a DistributedDataParallel around
+        trained_module()); None = call the module itself. Validation and generation never use the wrapper."""
+        self._train_wrapper = wrapper
+
+    def train_call(self, train: bool) -> nn.Module:
+        """What train_step calls: the wrapper when training data-parallel, else trained_module()."""
+        return self._train_wrapper if (train and self._train_wrapper is not None) else self.trained_module()
+
     # --- generate -----------------------------------------------------------------------------------
     def generate(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float,
                  seed: int = 0, guidance_scale: float | None = None, steps: int | None = None,
@@ -148,6 +170,18 @@ class Backend(abc.ABC):
         normalize=False returns it as the model made it (evaluation measures clipping, NaN and silence there)."""
         raw = self.synthesize(vocal, vocal_sr, prompt, duration_s, seed, guidance_scale, steps)
         return peak_normalize(raw) if normalize else raw
+
+    def probe(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float, seed: int = 0,
+              steps: int | None = None) -> np.ndarray:
+        """What the model itself generates, before any decoding a backend can do without it (MusicGen: its
+        codes), for comparing outputs (models/conditioning.py)."""
+        return self.synthesize(vocal, vocal_sr, prompt, duration_s, seed, steps=steps)
+
+    def conditions_in_use(self) -> tuple[str, ...]:
+        """The conditions this model's generation must follow: "melody" (the vocal) and "prompt"."""
+        return ("melody", "prompt")
+
+    conditioning: dict | None = None  # the last conditioning check's result (models/conditioning.py), if run
 
     @abc.abstractmethod
     def synthesize(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float,

@@ -185,6 +185,12 @@ class MusicGenBackend(Backend):
         else:
             decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def trained_module(self) -> torch.nn.Module:
+        return self.model  # one call per batch; T5 and EnCodec inside it are frozen
+
+    def shard_units(self) -> list[torch.nn.Module]:
+        return list(self.model.decoder.model.decoder.layers)
+
     # --- audio <-> codes --------------------------------------------------------------------------------
     @property
     def num_codebooks(self) -> int:
@@ -301,7 +307,8 @@ class MusicGenBackend(Backend):
         for i, (c, _) in enumerate(crops):
             codes[i, :, : c.shape[1]] = torch.from_numpy(c.astype(np.int64))
         labels = self.delay_labels(codes.to(self.device))
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, input_features=features, labels=labels)
+        out = self.train_call(train)(input_ids=input_ids, attention_mask=attention_mask, input_features=features,
+                                     labels=labels)
         return out, labels
 
     def train_step(self, batch: list[dict[str, Any]], conditioning: str, generator: torch.Generator,
@@ -324,23 +331,39 @@ class MusicGenBackend(Backend):
         """Voice only (prompt None), voice + text, or text only (vocal None), with classifier-free guidance.
 
         `steps` is unused: MusicGen decodes one code frame per step, so duration_s fixes the step count."""
-        if vocal is None and prompt is None:
-            raise ValueError("musicgen.generate needs a vocal, a prompt, or both")
         n_samples = round(duration_s * self.sample_rate)
-        melody = None
-        if vocal is not None:  # the melody of the span we generate
-            melody = resample(to_mono(np.asarray(vocal, np.float32)), vocal_sr, self.sample_rate)[:n_samples]
-        codes = self.generate_codes([melody], [prompt], math.ceil(n_samples / self.codec_hop), seed, guidance_scale)
+        codes = self.generate_codes(*self._request(vocal, vocal_sr, prompt, duration_s), seed, guidance_scale)
         wav = self.decode_codes(codes[0])[:n_samples]
         return np.pad(wav, (0, n_samples - len(wav))).astype(np.float32)
 
     @torch.no_grad()
+    def probe(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float, seed: int = 0,
+              steps: int | None = None) -> np.ndarray:
+        """The guided next-code scores of every generated step [steps, K, codebook_size], which the codes are
+        drawn from: a condition that reaches the decoder changes them even where a weakly conditioned (e.g.
+        random-init) model happens to sample the same codes; a condition that generate() drops never does."""
+        scores: list[torch.Tensor] = []
+        self.generate_codes(*self._request(vocal, vocal_sr, prompt, duration_s), seed, scores=scores)
+        return torch.stack(scores).numpy()
+
+    def _request(self, vocal: np.ndarray | None, vocal_sr: int, prompt: str | None, duration_s: float):
+        """(melodies, prompts, frames) of one generate() request: the melody of the span we generate."""
+        if vocal is None and prompt is None:
+            raise ValueError("musicgen.generate needs a vocal, a prompt, or both")
+        n_samples = round(duration_s * self.sample_rate)
+        melody = None
+        if vocal is not None:
+            melody = resample(to_mono(np.asarray(vocal, np.float32)), vocal_sr, self.sample_rate)[:n_samples]
+        return [melody], [prompt], math.ceil(n_samples / self.codec_hop)
+
+    @torch.no_grad()
     def generate_codes(self, melodies: list[np.ndarray | None], prompts: list[str | None], frames: int,
                        seed: int = 0, guidance_scale: float | None = None,
-                       prompt_codes: np.ndarray | None = None) -> np.ndarray:
+                       prompt_codes: np.ndarray | None = None, scores: list | None = None) -> np.ndarray:
         """[B, K, P + frames] codes for a batch: melodies are 32 kHz audio (None = no melody), prompt_codes
         [B, K, P] are continued (audiocraft's audio prompt; the melody then spans prompt and new frames alike).
-        All B items draw from one RNG seeded with `seed` (models/longform.py builds whole songs from this)."""
+        All B items draw from one RNG seeded with `seed` (models/longform.py builds whole songs from this).
+        `scores`, when given, receives each step's guided next-code scores [B * K, codebook_size] (see probe)."""
         input_ids, attention_mask = self._tokenise(prompts)
         features = self._chroma_batch([None if m is None else melody_chroma(m) for m in melodies])
         n_prompt = 0 if prompt_codes is None else prompt_codes.shape[-1]
@@ -348,6 +371,9 @@ class MusicGenBackend(Backend):
         start = torch.as_tensor(np.asarray(prompt_codes if n_prompt else np.zeros((len(prompts), self.num_codebooks, 0)),
                                            np.int64)).reshape(len(prompts) * self.num_codebooks, n_prompt)
         extra = {"decoder_input_ids": start.to(self.device)} if n_prompt else {}
+        if scores is not None:
+            from transformers import LogitsProcessorList
+            extra["logits_processor"] = LogitsProcessorList([_ScoreRecorder(scores)])
         positions = features.shape[1] + input_ids.shape[1] + n_prompt + frames + self.num_codebooks
         if positions > self.model.decoder.config.max_position_embeddings:
             raise ValueError(f"musicgen: {(n_prompt + frames) * self.codec_hop / self.sample_rate:.1f} s is longer "
@@ -367,6 +393,17 @@ class MusicGenBackend(Backend):
         finally:
             self.model.train(was_training)
         return recorder.codes(self.model.decoder, len(prompts), start, self.pad_id)
+
+
+class _ScoreRecorder:
+    """A logits processor that keeps each step's scores (after guidance, as sampling sees them) and changes none."""
+
+    def __init__(self, out: list) -> None:
+        self.out = out
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.out.append(scores.detach().float().cpu())
+        return scores
 
 
 class _CodeRecorder:

@@ -30,7 +30,7 @@ TINY_TRAIN = TrainConfig(max_steps=12, batch_size=2, lr=1e-3, warmup_steps=2, cr
 # Fine-tuning AudioLDM-S's UNet: lr within the 1e-5..5e-5 fine-tuning range (AudioLDM itself trained at 3e-5),
 # a 500-step warm-up, its own 10.24 s clips, global batch 16 by accumulation, bf16 and checkpointing on one A40.
 AUDIOLDM_S_TRAIN = TrainConfig(max_steps=10000, batch_size=4, grad_accum=4, lr=2e-5, warmup_steps=500,
-                               schedule="cosine", weight_decay=0.01, crop_s=10.24, precision="bf16",
+                               schedule="cosine", weight_decay=0.01, betas=(0.9, 0.95), crop_s=10.24, precision="bf16",
                                gradient_checkpointing=True, checkpoint_every=500, keep_checkpoints=3, val_every=500,
                                val_batches=8, samples=4, sample_duration_s=10.0)
 

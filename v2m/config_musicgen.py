@@ -40,6 +40,7 @@ TINY_TRAIN = TrainConfig(max_steps=12, batch_size=2, lr=1e-3, warmup_steps=2, cr
 # Fine-tuning a pretrained 1.5B decoder: a peak lr 1/10 of audiocraft's pre-training 1e-4, a long warm-up,
 # whole 30 s chunks, global batch 16 by accumulation, bf16 autocast and activation checkpointing for one A40.
 MELODY_TRAIN = TrainConfig(max_steps=20000, batch_size=2, grad_accum=8, lr=1e-5, warmup_steps=1000, schedule="cosine",
+                           betas=(0.9, 0.95),
                            weight_decay=0.1, crop_s=30.0, precision="bf16", gradient_checkpointing=True,
                            checkpoint_every=500, keep_checkpoints=3, val_every=500, val_batches=8, samples=4,
                            sample_duration_s=10.0)

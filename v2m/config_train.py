@@ -24,6 +24,9 @@ class TrainConfig(Strict):
     warmup_steps: int = Field(2, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warm-up, down to 10 % (or flat)
     weight_decay: float = Field(0.0, ge=0)
+    # AdamW's (beta1, beta2). torch's default (0.9, 0.999) for the tiny presets; the real profiles use audiocraft's
+    # MusicGen recipe (0.9, 0.95): a shorter second-moment memory, steadier for transformers in bf16.
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
     crop_s: float = Field(30.0, gt=0)  # training window cut from each cached chunk (= the chunk for real runs)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
@@ -33,7 +36,17 @@ class TrainConfig(Strict):
     checkpoint_uri: str = ""  # "" = local only; s3://bucket/prefix mirrors every checkpoint there
     val_every: int = Field(10, ge=1)
     val_batches: int = Field(2, ge=1)
-    deterministic: bool = True  # same seed -> same losses, and kill + resume reproduces them
+    # Same seed -> same losses, and kill + resume reproduces them: torch.use_deterministic_algorithms(True), so
+    # an op that has only a non-deterministic kernel is an ERROR while training (never a silent difference).
+    deterministic: bool = True
+    # Data-parallel (--gpus N): "ddp" replicates the trained module (DistributedDataParallel, gradients
+    # all-reduced during the backward pass); "fsdp" shards parameters, gradients and optimizer state over the
+    # processes (FSDP2 fully_shard), for a model whose training state does not fit one GPU.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    collective_timeout_s: float = Field(1800.0, gt=0)  # a collective (NCCL / gloo) stuck longer fails the job
+    # How long the other processes wait for a checkpoint's S3 download (one per host) or for the previous
+    # upload to finish (rank 0): they wait at a barrier of their own, never inside a training collective.
+    io_timeout_s: float = Field(7200.0, gt=0)
     samples: int = Field(2, ge=0)  # generated samples logged next to their input vocal
     sample_duration_s: float = Field(2.0, gt=0)
 

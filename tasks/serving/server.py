@@ -19,6 +19,7 @@ def default_ref(params: Params) -> str:
 
 def build_service(params: Params, root: Path, ref: str | None = None) -> Service:
     from models import configure_torch, default_device
+    from models.conditioning import require_conditioning
     from models.refs import resolve_model
     from v2m.tracking import setup_mlflow
     setup_mlflow(params, root)
@@ -31,8 +32,10 @@ def build_service(params: Params, root: Path, ref: str | None = None) -> Service
             metrics.serving(h.current.label, h.current.backend.name)
         metrics.load_failed(h.failed[0] if h.failed else None)
 
-    holder = ModelHolder(ref or default_ref(params), lambda label: resolve_model(label, device=device),
-                         cfg.poll_s, on_change)
+    # A model whose generation ignores the melody or the prompt is refused at load (models/conditioning.py):
+    # the failure shows in /readyz's load_error, and whatever served before keeps serving.
+    holder = ModelHolder(ref or default_ref(params),
+                         lambda label: require_conditioning(resolve_model(label, device=device)), cfg.poll_s, on_change)
     batcher = Batcher(holder, params.generate, metrics, cfg.max_pending, cfg.batch_window_ms / 1000, cfg.max_batch)
     return Service(cfg, params.generate, holder, batcher, metrics)
 

@@ -29,6 +29,7 @@ from models.base import Backend
 from tasks.data.cache_inputs import CACHE_ROOT, load_base, load_split
 from tasks.data.track_cache import cache_key, code_version, module_closure
 from tasks.training import distributed
+from tasks.training.checkpoints import load_checkpoint
 from tasks.training.trainer import train
 from v2m.audio import read_mono, write_wav
 from v2m.config import Params
@@ -145,7 +146,8 @@ def finetune(params: Params, backend_name: str, mode: str, root: Path = Path("."
         dump = params.model_dump(mode="json", by_alias=True, exclude_unset=True)
         return FinetuneResult(**distributed.launch_train(dump, args, gpus, Path(root).resolve()))
     device = distributed.local_device(default_device())
-    with distributed.process_group(device):
+    tcfg = params.train_config(backend_name)
+    with distributed.process_group(device, tcfg.collective_timeout_s, tcfg.io_timeout_s):
         result = _finetune(params, backend_name, mode, Path(root), init_from, max_steps, stop_after, device)
     distributed.write_result(asdict(result))
     return result
@@ -186,13 +188,17 @@ def _finetune(params: Params, backend_name: str, mode: str, root: Path, init_fro
     if tcfg.checkpoint_uri:  # this run's own prefix: no other run resumes from it
         tcfg = tcfg.model_copy(update={"checkpoint_uri": f"{tcfg.checkpoint_uri.rstrip('/')}/{name}"})
 
-    backend, base_info = load_base(params, backend_name, cache_dir, device=device)
-    if init_from != "base":
-        from models.refs import resolve_model
-        backend = resolve_model(init_from, device=device)
-    backend.cfg = bcfg  # today's settings (dropout, crop, ...), not those saved with the base or previous stage
-    method = getattr(bcfg, "finetune", "full")  # only backends that offer LoRA configure a method
-    backend.setup_finetune(method, **(bcfg.lora.model_dump() if method == "lora" else {}))
+    def starting_point() -> tuple[Backend, dict[str, str]]:
+        backend, info = load_base(params, backend_name, cache_dir, device=device)
+        if init_from != "base":
+            from models.refs import resolve_model
+            backend = resolve_model(init_from, device=device)
+        backend.cfg = bcfg  # today's settings (dropout, crop, ...), not those saved with the base or previous stage
+        method = getattr(bcfg, "finetune", "full")  # only backends that offer LoRA configure a method
+        backend.setup_finetune(method, **(bcfg.lora.model_dump() if method == "lora" else {}))
+        return backend, info
+
+    backend, base_info = starting_point()
     train_items = load_split(cache_dir, "train", template)
     val_items = load_split(cache_dir, "val", template)
 
@@ -223,6 +229,9 @@ def _finetune(params: Params, backend_name: str, mode: str, root: Path, init_fro
         if result.steps < tcfg.max_steps:  # stopped early on purpose (stop_after): resume later
             mlflow.end_run(status="KILLED")
             return FinetuneResult(run.info.run_id, str(run_dir), "", "", result.losses, True, result.resumed_from)
+        if result.parallel == "fsdp":  # the trained module is still sharded over a job that has ended
+            backend, _ = starting_point()
+            backend.load_trainable_state_dict(load_checkpoint(result.checkpoint)["model"])
         model_dir = run_dir / "model"
         save_model(backend, model_dir)
         log_samples(backend, val_items or train_items, tcfg.samples, tcfg.sample_duration_s, conditioning,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import torch
 from torch import nn
 
 from models.base import Backend
+from tasks.training import trainer
 from tasks.training.checkpoints import list_checkpoints
 from tasks.training.trainer import Batches, lr_factor, train
 from v2m.config import TrainConfig
@@ -43,8 +47,11 @@ class ToyBackend(Backend):
         y = torch.tensor(np.stack([b["y"] for b in batch]), dtype=torch.float32)
         if train:  # a random augmentation drawn from the trainer's generator
             x = x + 0.01 * torch.randn(x.shape, generator=generator)
-        loss = nn.functional.mse_loss(self.module(x).squeeze(-1), y)
+        loss = nn.functional.mse_loss(self.train_call(train)(x).squeeze(-1), y)
         return loss, {"loss": loss.item(), "tokens": float(len(batch))}
+
+    def trained_module(self):
+        return self.module
 
     def synthesize(self, vocal, vocal_sr, prompt, duration_s, seed=0, guidance_scale=None, steps=None):
         return np.zeros(int(duration_s * self.sample_rate), np.float32)
@@ -101,6 +108,88 @@ def test_resume_from_s3_after_losing_the_local_disk(tmp_path: Path, monkeypatch)
         # A new machine: empty local folder, same checkpoint URI.
         resumed = train(ToyBackend(), items(), items(4), cfg, "voice", tmp_path / "b", seed=5)
     assert resumed.resumed_from == 4 and resumed.losses == full.losses
+
+
+@contextlib.contextmanager
+def written_on(device: str):
+    """torch.save tags every CPU tensor's storage with `device`: the files are what a run on that device writes."""
+    def tag(storage):
+        return device if storage.device.type == "cpu" else None
+    torch.serialization.register_package(0, tag, lambda storage, location: None)
+    try:
+        yield
+    finally:
+        torch.serialization._package_registry[:] = [p for p in torch.serialization._package_registry if p[1] is not tag]
+
+
+def tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in tensors(v)]
+    return []
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # gc.get_objects() meets deprecated torch objects
+def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu_and_nothing_of_it_stays(tmp_path: Path, monkeypatch) -> None:
+    with written_on("cuda:0"):
+        train(ToyBackend(), items(), items(4), CFG, "voice", tmp_path, seed=0, stop_after=4)
+    latest = list_checkpoints(tmp_path / "checkpoints")[-1]
+    with pytest.raises(RuntimeError, match="CUDA"):  # it names cuda:0, as a GPU run's optimizer file does
+        torch.load(latest / "optimizer.pt", weights_only=True)
+
+    loaded: dict[str, list] = {}
+    real = trainer.load_checkpoint
+
+    def recording(path):
+        ckpt = real(path)
+        for part in ("model", "optimizer", "rng"):
+            loaded[part] = [(weakref.ref(t), t.device.type) for t in tensors(ckpt[part])]
+        return ckpt
+
+    monkeypatch.setattr(trainer, "load_checkpoint", recording)
+    alive: dict[str, list] = {}
+    toy = ToyBackend()
+
+    def during_training(metrics, step) -> None:  # the first step after the resume
+        if not alive:
+            gc.collect()
+            alive.update({part: [r() for r, _ in refs if r() is not None] for part, refs in loaded.items()})
+            first = next(toy.module.parameters())
+            (optimizer,) = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)
+                            and o.param_groups[0]["params"][0] is first]
+            alive["optimizer state"] = tensors(list(optimizer.state.values()))
+
+    res = train(toy, items(), items(4), CFG, "voice", tmp_path, seed=0, log=during_training)
+    assert res.resumed_from == 4 and len(res.losses) == CFG.max_steps
+    assert {device for refs in loaded.values() for _, device in refs} == {"cpu"}
+    assert len(loaded["model"]) == 4 and len(loaded["optimizer"]) >= 8
+    # Restored, then dropped: the model's and the RNG's tensors were copied into the live objects; an optimizer
+    # tensor may live on only as the optimizer's own state (AdamW takes a CPU tensor as it is), never beside it.
+    assert alive["model"] == [] and alive["rng"] == []
+    assert all(any(t is s for s in alive["optimizer state"]) for t in alive["optimizer"])
+
+
+class ScatteringToy(ToyBackend):
+    """Writes its input through Tensor.put_, an op torch has no deterministic kernel for (on any device)."""
+
+    def train_step(self, batch, conditioning, generator, train=True):
+        x = torch.tensor(np.stack([b["x"] for b in batch]), dtype=torch.float32)
+        x = torch.zeros_like(x).put_(torch.arange(x.numel()), x.flatten())
+        loss = nn.functional.mse_loss(self.train_call(train)(x).squeeze(-1), torch.zeros(len(batch)))
+        return loss, {"loss": loss.item()}
+
+
+def test_a_non_deterministic_op_is_an_error_under_the_deterministic_profile(tmp_path: Path) -> None:
+    assert CFG.deterministic  # the default profile
+    with pytest.raises(RuntimeError, match="deterministic"):
+        train(ScatteringToy(), items(), items(4), CFG, "voice", tmp_path / "a", seed=0)
+    assert not torch.are_deterministic_algorithms_enabled()  # only while training: generation may use such ops
+    res = train(ScatteringToy(), items(), items(4), CFG.model_copy(update={"deterministic": False}), "voice",
+                tmp_path / "b", seed=0)
+    assert res.steps == CFG.max_steps
 
 
 def test_batches_cover_each_epoch_once_in_a_seeded_order() -> None:
