@@ -261,10 +261,15 @@ def generate_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="Output .
 def serve_cmd(model: Annotated[str | None, typer.Option(help="REF to serve; default params serve.model, else voice2music-<serve.backend>@champion (followed as it moves).")] = None,
               host: Annotated[str | None, typer.Option(help="Default params serve.host.")] = None,
               port: Annotated[int | None, typer.Option(help="Default params serve.port.")] = None,
+              allowed_host: Annotated[list[str] | None, typer.Option(help="Host header value to answer (repeat; \"*\" = any); default params serve.allowed_hosts.")] = None,
               params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Serve a model over HTTP: POST /v1/generate, /healthz, /readyz, /metrics, and a page at /."""
+    """Serve a model over HTTP: POST /v1/generate, /healthz, /readyz, /metrics, and a page at /.
+    Open to this machine only by default; another --host needs API keys in V2M_SERVE_API_KEYS (NAME:KEY,...)."""
     from tasks.serving.server import serve
     p = params_or_fail(params)
+    if allowed_host:  # validated as params.yaml would be
+        p = p.model_copy(update={"serve": type(p.serve).model_validate({**p.serve.model_dump(),
+                                                                        "allowed_hosts": allowed_host})})
     with user_errors():
         serve(p, Path.cwd(), model, host, port)
 
