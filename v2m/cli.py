@@ -357,11 +357,11 @@ def listen_cmd(backend: BackendOpt,
     shown = host if host not in ("0.0.0.0", "::") else socket.gethostname()
     url = f"http://{f'[{shown}]' if ':' in shown else shown}:{sock.getsockname()[1]}/listen"
     owner = secrets.token_urlsafe(24)  # this run's: results stay with whoever started it (and MLflow)
-    console.print(f"listening test: {url}  ({ls.models[0]} vs {ls.models[1]}, {len(ls.chunks)} test vocals; votes in "
-                  f"{p.listening.db})", highlight=False)
     for name, token in links.items():
         console.print(f"invitation for {name}: {url}#invite={token}", highlight=False)
     console.print(f"results (owner only, keep private): {url}#owner={owner}", highlight=False)
+    console.print(f"listening test: {url}  ({ls.models[0]} vs {ls.models[1]}, {len(ls.chunks)} test vocals; votes in "
+                  f"{p.listening.db})", highlight=False)
     serve(create_app(p, Path.cwd(), ls, owner), sock, p.serve.header_timeout_s)
 
 

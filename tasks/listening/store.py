@@ -132,8 +132,9 @@ class VoteStore:
         """Count a refused attempt (nothing of it counts as a vote)."""
         claimed, peer = claimed.strip()[:100], peer[:64]
         with self._db() as db:
-            if db.execute("SELECT COUNT(*) FROM attempts").fetchone()[0] >= MAX_ATTEMPT_ROWS and not db.execute(
-                    "SELECT 1 FROM attempts WHERE kind = ? AND claimed = ? AND peer = ?", (kind, claimed, peer)).fetchone():
+            known = db.execute("SELECT 1 FROM attempts WHERE kind = ? AND claimed = ? AND peer = ?",
+                               (kind, claimed, peer)).fetchone()
+            if not known and db.execute("SELECT COUNT(*) FROM attempts").fetchone()[0] >= MAX_ATTEMPT_ROWS:
                 claimed, peer = "(more)", "(more)"
             db.execute("INSERT INTO attempts VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (kind, claimed, peer) DO UPDATE "
                        "SET count = count + 1, last = excluded.last", (kind, claimed, peer, _now(), _now()))

@@ -61,10 +61,10 @@ class Service:
     batcher: Batcher
     metrics: Metrics
     api_keys: dict[str, str] = field(default_factory=dict)  # name -> key (V2M_SERVE_API_KEYS); empty = open
-    clients: ClientSlots | None = None
+    clients: ClientSlots = field(init=False)  # requests in flight per client, whichever model answers them
 
     def __post_init__(self) -> None:
-        self.clients = self.clients or ClientSlots(self.cfg.max_per_client)
+        self.clients = ClientSlots(self.cfg.max_per_client)
 
 
 def scrub(detail: str) -> str:
@@ -89,7 +89,8 @@ def api_router() -> APIRouter:
             svc.clients.acquire(client)
         except TooManyForClient:
             response = error(429, "too_many_requests", f"this client already has {svc.cfg.max_per_client} requests "
-                             f"in flight (params.yaml serve.max_per_client)", {"Retry-After": str(svc.cfg.retry_after_s)})
+                             f"in flight (params.yaml serve.max_per_client)",
+                             {"Retry-After": str(svc.cfg.retry_after_s)})
         else:
             try:
                 response = await _generate(svc, request, vocal, prompt, duration, seed)

@@ -50,19 +50,18 @@ def server_config(app, cfg: ServeConfig, host: str, port: int, **options):
 
 def serve(params: Params, root: Path, ref: str | None = None, host: str | None = None,
           port: int | None = None) -> None:
-    import mlflow
     import uvicorn
 
     from models.refs import to_model_uri
+    from v2m.tracking import tracking_uri
     ref, host = ref or default_ref(params), host or params.serve.host
     check_exposure(host, api_keys())  # before anything loads: an open server on the network is a mistake
     if not Path(ref).is_dir():
         to_model_uri(ref)  # a REF that can never name a model fails now (exit 1), not as a server never ready
+        # the registry must answer serve's credentials, or the champion never loads
+        check_registry_access(tracking_uri(params, root), registered_name(ref, params))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    svc = build_service(params, root, ref)
-    if not Path(ref).is_dir():  # the registry must answer serve's credentials, or the champion never loads
-        check_registry_access(mlflow.get_tracking_uri(), registered_name(ref, params))
-    app = create_app(svc)
+    app = create_app(build_service(params, root, ref))
     uvicorn.Server(server_config(app, params.serve, host, port or params.serve.port, log_level="info")).run()
 
 

@@ -96,6 +96,33 @@ def test_bradley_terry_matches_a_direct_likelihood_fit() -> None:
     assert "bradley_terry" in summarize(votes + [v(X)], X, Y) and "bradley_terry" not in summarize([v(X)], X, Y)
 
 
+def test_one_listener_weighs_at_most_the_cap() -> None:
+    votes = [v(X, chunk=f"c{i}", listener="keen") for i in range(20)] + [v(Y, listener="a"),
+                                                                         v(Y, listener="b", chunk="c1")]
+    s = summarize(votes, X, Y, 0.95, max_per_listener=5)
+    assert (s["n"], s["wins"], s["listeners"]) == (22, 20, 3) and s["weight"] == pytest.approx(7)
+    assert s["win_rate"] == pytest.approx(5 / 7) and (s["ci_low"], s["ci_high"]) == pytest.approx(wilson(5, 7))
+    assert summarize(votes, X, Y)["win_rate"] == pytest.approx(20 / 22)  # without the cap
+
+
+def test_the_gate_waits_for_enough_people_not_just_enough_votes(tmp_path: Path) -> None:
+    from tasks.listening.gate import human_preference
+    p = load_params(ROOT / "params.yaml")
+    hp = p.promotion.human_preference.model_copy(update={"min_votes": 6, "min_listeners": 3,
+                                                         "max_votes_per_listener": 100})
+    p = p.model_copy(update={"promotion": p.promotion.model_copy(update={"human_preference": hp})})
+    store = VoteStore(tmp_path / p.listening.db)
+    chunks = [{"chunk_id": f"c{i}"} for i in range(8)]
+    for who in ("kim", "lee"):  # two people, sixteen votes for the challenger
+        for t in store.trials_for(who, "musicgen", (X, Y), chunks):
+            store.vote(f"{who}-{t['trial_id']}", t["trial_id"], who, "A" if t["model_a"] == X else "B")
+    gate = human_preference(p, tmp_path, "musicgen", "2", "1")
+    assert gate.status == "waiting" and "from 2 of 3 listeners" in gate.reason and gate.n == 16
+    t = store.trials_for("max", "musicgen", (X, Y), chunks[:1])[0]
+    store.vote("max-1", t["trial_id"], "max", "none")
+    assert human_preference(p, tmp_path, "musicgen", "2", "1").status == "pass"
+
+
 def test_summary_breaks_down_by_genre_and_language() -> None:
     votes = [v(X, genre="pop", language="en"), v(Y, genre="rock", language="en", chunk="c1"),
              v(X, genre="rock", language="fr", chunk="c2")]
@@ -126,6 +153,36 @@ def test_store_trials_are_counterbalanced_kept_and_votes_idempotent(tmp_path: Pa
     with pytest.raises(VoteError, match="rating_b"):
         store.vote("id6", trials[1]["trial_id"], "ann", "none", None, 6)
     assert len(VoteStore(tmp_path / "votes.db").votes("musicgen", (Y, X))) == 1
+
+
+WAVE_2_SCHEMA = """
+CREATE TABLE trials (trial_id TEXT PRIMARY KEY, listener TEXT NOT NULL, backend TEXT NOT NULL, pair TEXT NOT NULL,
+    chunk_id TEXT NOT NULL, genre TEXT, language TEXT, position INTEGER NOT NULL, model_a TEXT NOT NULL,
+    model_b TEXT NOT NULL, created TEXT NOT NULL, UNIQUE (listener, pair, chunk_id));
+CREATE TABLE votes (vote_id TEXT PRIMARY KEY, trial_id TEXT NOT NULL UNIQUE REFERENCES trials(trial_id),
+    listener TEXT NOT NULL, backend TEXT NOT NULL, pair TEXT NOT NULL, chunk_id TEXT NOT NULL, genre TEXT,
+    language TEXT, model_a TEXT NOT NULL, model_b TEXT NOT NULL, answer TEXT NOT NULL, winner TEXT NOT NULL,
+    rating_a INTEGER, rating_b INTEGER, created TEXT NOT NULL);
+"""
+
+
+def test_votes_from_before_invitations_are_kept_but_never_counted(tmp_path: Path) -> None:
+    import sqlite3
+    db = sqlite3.connect(tmp_path / "votes.db")
+    db.executescript(WAVE_2_SCHEMA)
+    pair = "|".join(sorted((X, Y)))
+    db.execute("INSERT INTO trials VALUES ('t1', 'ann', 'musicgen', ?, 'c0', 'pop', 'en', 0, ?, ?, 'x')", (pair, X, Y))
+    db.execute("INSERT INTO votes VALUES ('v1', 't1', 'ann', 'musicgen', ?, 'c0', 'pop', 'en', ?, ?, 'A', ?, NULL, "
+               "NULL, 'x')", (pair, X, Y, X))
+    db.commit()
+    db.close()
+    store = VoteStore(tmp_path / "votes.db")
+    [old] = store.votes()
+    assert old["via"] == "unverified" and old["listener"] == "unverified:ann"
+    fresh = store.trials_for("ann", "musicgen", (X, Y), [{"chunk_id": "c0"}])  # the invited ann starts afresh
+    assert fresh[0]["trial_id"] != "t1" and fresh[0]["answer"] is None and fresh[0]["via"] == "invite"
+    from tasks.listening.gate import counted
+    assert counted(store.votes()) == []
 
 
 def listening_set(tmp_path: Path, models: tuple[str, str] = (X, Y), n: int = 2) -> ListeningSet:
@@ -232,7 +289,8 @@ def test_the_auth_header_is_believed_from_a_trusted_proxy_only(api) -> None:
     assert s.status_code == 200 and s.json()["listener"] == "erin@example.com"
     assert proxied.post("/listen/api/session", json={}, headers={"X-Forwarded-User": "<b>x</b>"}).status_code == 401
     direct = TestClient(app, client=("10.0.1.5", 40000))
-    assert direct.post("/listen/api/session", json={}, headers={"X-Forwarded-User": "erin@example.com"}).status_code == 401
+    erin = {"X-Forwarded-User": "erin@example.com"}
+    assert direct.post("/listen/api/session", json={}, headers=erin).status_code == 401
 
 
 def test_typed_names_are_refused_and_shown_to_the_owner(api) -> None:
