@@ -43,7 +43,7 @@ class ServeConfig(Strict):
     min_sample_rate: int = Field(8000, ge=1)  # vocals outside [min, max] Hz are refused before decoding:
     max_sample_rate: int = Field(96000, ge=1)  # a 1 Hz header would ask resampling for gigabytes
     max_duration_s: float = Field(300.0, gt=0)  # per request (and never more than generate.max_duration_s)
-    min_duration_s: float = Field(0.5, gt=0)  # shorter requests are refused (a 0-sample WAV helps nobody)
+    min_duration_s: float = Field(0.25, gt=0)  # shorter requests are refused (a 0-sample WAV helps nobody)
     default_duration_s: float = Field(10.0, gt=0)  # text only, when the request names no duration
     min_vocal_s: float = Field(1.0, gt=0)
     silence_dbfs: float = Field(-60.0, lt=0)
