@@ -366,6 +366,22 @@ def test_one_client_inventing_listeners_cannot_pass_the_gate(store, monkeypatch)
     assert gate.status == "waiting" and "refused or uncounted" in gate.reason
 
 
+def test_a_mounted_router_answers_503_until_its_clips_are_ready_and_says_why(store) -> None:  # noqa: F811
+    params, root = store  # an empty registry: no challenger and champion to compare
+    source = BackgroundListeningSet(params, root, "musicgen", recheck_s=3600)
+    app = FastAPI()
+    app.include_router(create_router(params, root, source, "owner-secret"), prefix="/listen")
+    app.add_exception_handler(NotReady, not_ready)
+    client = TestClient(app)
+    assert client.get("/listen").status_code == 200  # the page itself is always there
+    first = client.get("/listen/api/results", headers=bearer("owner-secret"))
+    assert first.status_code == 503 and "preparing" in first.json()["detail"]
+    source.wait()
+    ann = VoteStore(root / params.listening.db).invite("ann")
+    then = client.post("/listen/api/session", json={}, headers=bearer(ann))
+    assert then.status_code == 503 and "needs a challenger and a different champion" in then.json()["detail"]
+
+
 def test_mix_levels_both_stems_and_never_clips() -> None:
     sr = 8000
     t = np.arange(sr) / sr

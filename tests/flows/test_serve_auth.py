@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,7 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from tests.conftest import ROOT
 from tests.flows.conftest import stop_stack
-from tests.flows.serving_support import register_tiny, set_champion
+from tests.flows.serving_support import register_tiny, set_champion, start_server, stop_server, wait_ready
 from v2m.s3server import free_port
 from v2m.stack import Stack
 
@@ -60,29 +59,6 @@ def start(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subproce
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_ready(base: str, proc: subprocess.Popen, log: Path, host: str = "localhost") -> dict:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            r = httpx.get(base + "/readyz", headers={"Host": host}, timeout=2)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(log.read_text()[-3000:])
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 V2M = [sys.executable, "-m", "v2m.cli"]
 
 
@@ -106,14 +82,14 @@ def test_the_serve_role_reads_the_registry_and_changes_nothing(stack, monkeypatc
 def test_serve_with_the_serve_role_loads_the_champion(stack, tmp_path: Path) -> None:
     st, project, version = stack
     port, log = free_port(), tmp_path / "serve.log"
-    proc = start([*V2M, "serve", "--port", str(port)], clean_env(**st.client_env("serve")), project, log)
+    proc = start_server(project, port, log, env=clean_env(**st.client_env("serve")))
     try:
         base = f"http://127.0.0.1:{port}"
-        assert wait_ready(base, proc, log)["model"] == f"{MODEL}/{version}"
+        assert wait_ready(base, proc, log, timeout_s=180)["model"] == f"{MODEL}/{version}"
         r = httpx.post(base + "/v1/generate", data={"prompt": "Pop music", "duration": "0.5"}, timeout=120)
         assert r.status_code == 200 and r.headers["X-V2M-Model"] == f"{MODEL}/{version}"
     finally:
-        stop(proc)
+        stop_server(proc)
 
 
 @pytest.mark.parametrize("drop,named", [(("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
@@ -157,7 +133,7 @@ def on_loopback(args: list[str], env: dict[str, str], stack_env: dict[str, str],
 
 def check_keys(proc: subprocess.Popen, port: int, log: Path, host: str, version: str) -> None:
     base = f"http://127.0.0.1:{port}"
-    assert wait_ready(base, proc, log, host)["model"] == f"{MODEL}/{version}"  # probes need no key
+    assert wait_ready(base, proc, log, timeout_s=180)["model"] == f"{MODEL}/{version}"  # probes: no key, any Host
     form, headers = {"prompt": "Pop music", "duration": "0.5"}, {"Host": host}
     for auth in ({}, {"Authorization": "Bearer wrong-key-wrong-key"}, {"X-API-Key": KEY[:-1]}):
         r = httpx.post(base + "/v1/generate", data=form, headers={**headers, **auth}, timeout=60)
@@ -182,7 +158,7 @@ def test_the_compose_serve_service_rendered_for_loopback_answers_401_without_a_k
     try:
         check_keys(proc, port, log, "music.test", version)
     finally:
-        stop(proc)
+        stop_server(proc)
 
 
 def test_the_kubernetes_deployment_rendered_for_loopback_answers_401_without_a_key(stack, tmp_path: Path) -> None:
@@ -202,7 +178,7 @@ def test_the_kubernetes_deployment_rendered_for_loopback_answers_401_without_a_k
     try:
         check_keys(proc, port, log, "v2m-serve", version)
     finally:
-        stop(proc)
+        stop_server(proc)
 
 
 def test_serve_refuses_an_open_port_on_the_network(stack) -> None:

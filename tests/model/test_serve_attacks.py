@@ -15,8 +15,6 @@ import os
 import select
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +27,7 @@ import soundfile as sf
 import yaml
 
 from tests.conftest import ROOT
+from tests.flows.serving_support import start_server, stop_server, wait_ready
 from v2m.s3server import free_port
 
 MB = 1024 * 1024
@@ -94,32 +93,14 @@ def server(tmp_path_factory):
     p = load_params(root / "params.yaml")
     save_model(get_backend("musicgen").from_preset(p.musicgen, "tiny", seed=0), root / "model")
     port, log = free_port(), root / "serve.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
-    env.pop("V2M_SERVE_API_KEYS", None)
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "v2m.cli", "serve", "--model", str(root / "model"),
-                                 "--port", str(port), "--params", str(root / "params.yaml")], cwd=root, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+    proc = start_server(root, port, log, "--model", str(root / "model"))
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+        wait_ready(base, proc, log, timeout_s=180)
         assert post(base, "127.0.0.2", prompt="warm up", duration=0.5).status_code == 200
         yield {"base": base, "port": port, "pid": proc.pid, "log": log}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 def client(addr: str, timeout: float = 120.0) -> httpx.Client:
