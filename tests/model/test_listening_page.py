@@ -75,6 +75,19 @@ class Server:
 
 
 @pytest.fixture
+def listen(root: Path):
+    """`listen(*args)` starts `v2m listen`; whatever is still running at the end is stopped, failed test or not."""
+    started: list[Server] = []
+
+    def start(*args: str) -> Server:
+        started.append(Server(root, *args))
+        return started[-1]
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
 def pair(root: Path):
     """Two tiny fine-tunes, evaluated; the one with the higher FAD is champion, the other challenger.
     The metric gates other than FAD are relaxed: this test is about the listeners' gate."""
@@ -187,13 +200,13 @@ def stuff_votes(url: str, challenger: str) -> int:
     return stored
 
 
-def test_invented_listeners_cannot_decide_a_promotion_but_invited_ones_can(root: Path, pair) -> None:
+def test_invented_listeners_cannot_decide_a_promotion_but_invited_ones_can(root: Path, pair, listen) -> None:
     assert CHROMIUM, "chromium is not installed: `make test` installs it (apt-get install chromium)"
     p, challenger, champion = pair
     clips = {}
 
     # 1. The server as it starts by default (no trusted proxy, nobody invited) and one client stuffing votes.
-    server = Server(root)
+    server = listen()
     for model in (challenger, champion):  # the clips exist now; the challenger's are the older files
         folder = next((root / ".v2m" / "listening" / "clips").glob(model.replace("/", "-") + "-*"))
         clips |= {(model, f.stem): f for f in folder.glob("*.wav")}
@@ -209,7 +222,7 @@ def test_invented_listeners_cannot_decide_a_promotion_but_invited_ones_can(root:
     server.stop()
 
     # 2. Three invited listeners.
-    server = Server(root, "--invite", "ann", "--invite", "bob", "--invite", "cat")
+    server = listen("--invite", "ann", "--invite", "bob", "--invite", "cat")
     assert set(server.links) == {"ann", "bob", "cat"} and server.owner
     tokens = {name: link.split("#invite=")[1] for name, link in server.links.items()}
     assert len(set(tokens.values())) == 3  # personal: a token each
@@ -247,7 +260,7 @@ def test_invented_listeners_cannot_decide_a_promotion_but_invited_ones_can(root:
         # remembers its invitation.
         links = server.links
         server.stop()
-        server = Server(root, "--port", server.url.rsplit(":", 1)[1].split("/")[0])
+        server = listen("--port", server.url.rsplit(":", 1)[1].split("/")[0])
         ann.goto(server.url)
         ann.wait_for_selector("#done:not(.hidden)")
 
