@@ -17,5 +17,7 @@ RUN pip install ".[ml,serve]"
 COPY params.yaml ./
 
 EXPOSE 8000
-# 0.0.0.0 inside the container; compose publishes it on loopback, Kubernetes behind a Service.
+# 0.0.0.0 inside the container; compose publishes it on loopback, Kubernetes behind a Service. serve refuses
+# to start on 0.0.0.0 without API keys (V2M_SERVE_API_KEYS); it reads the registry as MLflow's `serve` user
+# (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) and says which is missing if it cannot.
 CMD ["v2m", "serve", "--host", "0.0.0.0", "--port", "8000"]

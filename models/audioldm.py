@@ -54,6 +54,7 @@ from transformers import (ClapFeatureExtractor, ClapModel, ClapTextModelWithProj
 from models import audioldm_mel as mel
 from models.base import CONDITIONINGS, Backend, draw_drops
 from models.base import WeightsNotFoundError
+from models.cancel import Cancelled, StopCheck, never
 from models.weights import DEFAULT_CACHE, resolve_weights, weight_files
 from v2m.audio import resample
 from v2m.config_audioldm import AudioLDMConfig, ConditionDropout
@@ -311,10 +312,11 @@ class AudioLDMBackend(Backend):
     @torch.no_grad()
     def synthesize_batch(self, vocals: list[np.ndarray | None], vocal_sr: int, prompts: list[str | None],
                          duration_s: float, seeds: list[int], guidance_scale: float | None = None,
-                         steps: int | None = None) -> list[np.ndarray]:
+                         steps: int | None = None, stop: StopCheck = never) -> list[np.ndarray]:
         """synthesize() for several items of one duration in one UNet batch (the server's micro-batches). Each
         item's starting noise comes from its own seed and DDIM is deterministic, so an item's output does not
-        depend on its batch companions (beyond float rounding)."""
+        depend on its batch companions (beyond float rounding). `stop` is asked before every diffusion step;
+        True ends the call with Cancelled (models/cancel.py)."""
         scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         n_samples = round(duration_s * mel.SAMPLE_RATE)
         has_vocal = [v is not None and len(v) > 0 for v in vocals]
@@ -335,6 +337,8 @@ class AudioLDMBackend(Backend):
         extra = {"generator": generators[0]} if "generator" in inspect.signature(scheduler.step).parameters else {}
         self.unet.eval()
         for t in scheduler.timesteps:
+            if stop():
+                raise Cancelled("generation stopped: nobody waits for it")
             x = scheduler.scale_model_input(torch.cat([latents] * (len(labels) // n)), t)
             eps = self.predict_noise(x, t, labels)
             if scale > 1.0:  # classifier-free guidance against the null condition

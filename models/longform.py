@@ -7,6 +7,9 @@
     AudioLDM   windows [kS, kS + W) generated independently from the vocal's matching span (seed + k) and joined
                with an equal-power (sin/cos) crossfade over the W - S seconds they share.
 
+A request may carry a CancelToken (models/cancel.py): when every request of a batch is cancelled, the batch
+stops at the next window (and within a window at the next decoding or diffusion step) with Cancelled.
+
 Both are built on the backends' own verbs (MusicGen's generate_codes, AudioLDM's synthesize_batch: generate for
 a batch), and a batch of requests of the same duration runs through the windows together. Windows come from
 params.yaml `generate:`, and a request past `generate.max_duration_s` fails with that limit named.
@@ -15,11 +18,12 @@ params.yaml `generate:`, and a request past `generate.max_duration_s` fails with
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from models.base import Backend, peak_normalize
+from models.cancel import Cancelled, CancelToken, StopCheck
 from v2m.audio import resample, to_mono
 from v2m.config_serve import GenerateConfig, WindowConfig
 from v2m.errors import UserError
@@ -40,6 +44,7 @@ class Request:
     prompt: str | None
     duration_s: float
     seed: int = 0
+    cancel: CancelToken | None = field(default=None, compare=False)  # set when nobody wants the result any more
 
 
 def check_length(duration_s: float, cfg: GenerateConfig) -> None:
@@ -92,14 +97,26 @@ def generate_batch(backend: Backend, reqs: list[Request], cfg: GenerateConfig, g
         groups.setdefault(r.duration_s, []).append(i)
     for idx in groups.values():
         group = [reqs[i] for i in idx]
-        audio = _continued(backend, group, cfg.musicgen, guidance_scale) if backend.name == "musicgen" \
-            else _crossfaded(backend, group, cfg.audioldm, guidance_scale, steps)
+        stop = _all_cancelled(group)
+        audio = _continued(backend, group, cfg.musicgen, guidance_scale, stop) if backend.name == "musicgen" \
+            else _crossfaded(backend, group, cfg.audioldm, guidance_scale, steps, stop)
         for i, a in zip(idx, audio):
             out[i] = a
     return out  # type: ignore[return-value]
 
 
-def _continued(backend, reqs: list[Request], win: WindowConfig, guidance_scale: float | None) -> list[np.ndarray]:
+def _all_cancelled(reqs: list[Request]) -> StopCheck:
+    tokens = [r.cancel for r in reqs]
+    return lambda: all(t is not None and t.cancelled for t in tokens)
+
+
+def _check(stop: StopCheck) -> None:
+    if stop():
+        raise Cancelled("every request of this batch was cancelled")
+
+
+def _continued(backend, reqs: list[Request], win: WindowConfig, guidance_scale: float | None,
+               stop: StopCheck) -> list[np.ndarray]:
     """MusicGen extend-stride over a batch of requests of one duration."""
     sr, hop = backend.sample_rate, backend.codec_hop
     n_samples = round(reqs[0].duration_s * sr)
@@ -110,13 +127,14 @@ def _continued(backend, reqs: list[Request], win: WindowConfig, guidance_scale: 
     prompts = [r.prompt or None for r in reqs]
     codes = None
     for k, start in enumerate(window_starts(reqs[0].duration_s, win)):
+        _check(stop)
         first = round(start * sr / hop)  # code frame where this window starts
         have = 0 if codes is None else codes.shape[-1]
         carried = None if codes is None else codes[:, :, first:have]
         new = min(per_window - (have - first), total - have)
         melodies = [_span(v, sr, first * hop / sr, (first + per_window) * hop / sr) for v in vocals]
         window = backend.generate_codes(melodies, prompts, new, seed=reqs[0].seed + k,
-                                        guidance_scale=guidance_scale, prompt_codes=carried)
+                                        guidance_scale=guidance_scale, prompt_codes=carried, stop=stop)
         codes = window if codes is None else np.concatenate([codes, window[:, :, have - first:]], -1)
     audio = []
     for c in codes:
@@ -132,7 +150,7 @@ def equal_power(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _crossfaded(backend, reqs: list[Request], win: WindowConfig, guidance_scale: float | None,
-                steps: int | None) -> list[np.ndarray]:
+                steps: int | None, stop: StopCheck) -> list[np.ndarray]:
     """AudioLDM over a batch of requests of one duration: independent windows on each vocal's matching span
     (seed + k for window k), each peak-normalised as generate() does, joined by equal-power crossfades."""
     sr, duration = backend.sample_rate, reqs[0].duration_s
@@ -142,6 +160,7 @@ def _crossfaded(backend, reqs: list[Request], win: WindowConfig, guidance_scale:
     outs = [np.zeros(n_samples, np.float32) for _ in reqs]
     fade = round((win.window_s - win.stride_s) * sr)
     for k, start in enumerate(window_starts(duration, win)):
+        _check(stop)
         end = min(start + win.window_s, duration)
         parts = []
         for r, v in zip(reqs, vocals):
@@ -150,7 +169,7 @@ def _crossfaded(backend, reqs: list[Request], win: WindowConfig, guidance_scale:
                 part = _span(v, VOCAL_SR, max(0.0, len(v) / VOCAL_SR - win.window_s), end)
             parts.append(part)
         audio = backend.synthesize_batch(parts, VOCAL_SR, [r.prompt for r in reqs], end - start,
-                                         [r.seed + k for r in reqs], guidance_scale, steps)
+                                         [r.seed + k for r in reqs], guidance_scale, steps, stop=stop)
         a = round(start * sr)
         for out, window in zip(outs, audio):
             window = peak_normalize(window)[: n_samples - a]

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from models.base import CONDITIONINGS, Backend, draw_drops
+from models.cancel import Cancelled, StopCheck, never
 from models.musicgen_chroma import HOP, SAMPLE_RATE, melody_chroma
 from models.weights import DEFAULT_CACHE, download_s3_prefix, resolve_weights, weight_files
 from v2m.audio import resample, to_mono
@@ -359,11 +360,13 @@ class MusicGenBackend(Backend):
     @torch.no_grad()
     def generate_codes(self, melodies: list[np.ndarray | None], prompts: list[str | None], frames: int,
                        seed: int = 0, guidance_scale: float | None = None,
-                       prompt_codes: np.ndarray | None = None, scores: list | None = None) -> np.ndarray:
+                       prompt_codes: np.ndarray | None = None, scores: list | None = None,
+                       stop: StopCheck = never) -> np.ndarray:
         """[B, K, P + frames] codes for a batch: melodies are 32 kHz audio (None = no melody), prompt_codes
         [B, K, P] are continued (audiocraft's audio prompt; the melody then spans prompt and new frames alike).
         All B items draw from one RNG seeded with `seed` (models/longform.py builds whole songs from this).
-        `scores`, when given, receives each step's guided next-code scores [B * K, codebook_size] (see probe)."""
+        `scores`, when given, receives each step's guided next-code scores [B * K, codebook_size] (see probe).
+        `stop` is asked after every decoding step; True ends the call with Cancelled (models/cancel.py)."""
         input_ids, attention_mask = self._tokenise(prompts)
         features = self._chroma_batch([None if m is None else melody_chroma(m) for m in melodies])
         n_prompt = 0 if prompt_codes is None else prompt_codes.shape[-1]
@@ -389,7 +392,8 @@ class MusicGenBackend(Backend):
                 recorder = _CodeRecorder()
                 self.model.generate(input_ids=input_ids, attention_mask=attention_mask, input_features=features,
                                     do_sample=True, top_k=self.cfg.top_k, guidance_scale=scale, streamer=recorder,
-                                    max_new_tokens=frames + self.num_codebooks - 1, **extra)
+                                    max_new_tokens=frames + self.num_codebooks - 1,
+                                    stopping_criteria=_stopping(stop), **extra)
         finally:
             self.model.train(was_training)
         return recorder.codes(self.model.decoder, len(prompts), start, self.pad_id)
@@ -404,6 +408,21 @@ class _ScoreRecorder:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.out.append(scores.detach().float().cpu())
         return scores
+
+
+def _stopping(stop: StopCheck):
+    """A StoppingCriteriaList, asked after every decoding step, that leaves generate() with Cancelled once
+    `stop()` says so. It raises rather than answering True: generate() would then undo the delay pattern of
+    an unfinished sequence and fail on its shape."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhen(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            if stop():
+                raise Cancelled("generation stopped: nobody waits for it")
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhen()])
 
 
 class _CodeRecorder:

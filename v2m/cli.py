@@ -261,10 +261,15 @@ def generate_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="Output .
 def serve_cmd(model: Annotated[str | None, typer.Option(help="REF to serve; default params serve.model, else voice2music-<serve.backend>@champion (followed as it moves).")] = None,
               host: Annotated[str | None, typer.Option(help="Default params serve.host.")] = None,
               port: Annotated[int | None, typer.Option(help="Default params serve.port.")] = None,
+              allowed_host: Annotated[list[str] | None, typer.Option(help="Host header value to answer (repeat; \"*\" = any); default params serve.allowed_hosts.")] = None,
               params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Serve a model over HTTP: POST /v1/generate, /healthz, /readyz, /metrics, and a page at /."""
+    """Serve a model over HTTP: POST /v1/generate, /healthz, /readyz, /metrics, and a page at /.
+    Open to this machine only by default; another --host needs API keys in V2M_SERVE_API_KEYS (NAME:KEY,...)."""
     from tasks.serving.server import serve
     p = params_or_fail(params)
+    if allowed_host:  # validated as params.yaml would be
+        p = p.model_copy(update={"serve": type(p.serve).model_validate({**p.serve.model_dump(),
+                                                                        "allowed_hosts": allowed_host})})
     with user_errors():
         serve(p, Path.cwd(), model, host, port)
 
@@ -326,26 +331,38 @@ def promote_cmd(backend: BackendOpt, version: Annotated[str | None, typer.Option
 @app.command("listen")
 def listen_cmd(backend: BackendOpt,
                model: Annotated[list[str] | None, typer.Option(help="Two models to compare instead of challenger vs champion (NAME@alias, NAME/version); repeat.")] = None,
+               invite: Annotated[list[str] | None, typer.Option(help="Invite a listener by name (repeat): prints their personal link; inviting a name again replaces its link.")] = None,
                host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
                port: Annotated[int, typer.Option(help="0 = a free port.")] = 0,
                params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Serve the blind A/B listening page; the votes feed the human_preference promotion gate."""
+    """Serve the blind A/B listening page; the votes of invited listeners feed the human_preference gate."""
+    import secrets
+    import socket
+
     from tasks.listening.app import bind, create_app, serve
     from tasks.listening.clips import prepare
+    from tasks.listening.gate import store_for
     from v2m.tracking import setup_mlflow
     p = params_or_fail(params)
     setup_mlflow(p, Path.cwd())
     with user_errors():
         ls = prepare(p, Path.cwd(), backend, model,
                      progress=lambda m, c, reused: console.print(f"clip {m} {c}: {'from evaluation' if reused else 'generated'}"))
+        store = store_for(p, Path.cwd())
+        links = {name: store.invite(name) for name in invite or []}
     try:
         sock = bind(host, port)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    shown = f"[{host}]" if ":" in host else host
-    console.print(f"listening test: http://{shown}:{sock.getsockname()[1]}/listen  ({ls.models[0]} vs {ls.models[1]}, "
-                  f"{len(ls.chunks)} test vocals; votes in {p.listening.db})", highlight=False)
-    serve(create_app(p, Path.cwd(), ls), sock)
+    shown = host if host not in ("0.0.0.0", "::") else socket.gethostname()
+    url = f"http://{f'[{shown}]' if ':' in shown else shown}:{sock.getsockname()[1]}/listen"
+    owner = secrets.token_urlsafe(24)  # this run's: results stay with whoever started it (and MLflow)
+    for name, token in links.items():
+        console.print(f"invitation for {name}: {url}#invite={token}", highlight=False)
+    console.print(f"results (owner only, keep private): {url}#owner={owner}", highlight=False)
+    console.print(f"listening test: {url}  ({ls.models[0]} vs {ls.models[1]}, {len(ls.chunks)} test vocals; votes in "
+                  f"{p.listening.db})", highlight=False)
+    serve(create_app(p, Path.cwd(), ls, owner), sock, p.serve.header_timeout_s)
 
 
 @app.command("rollback")

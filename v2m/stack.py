@@ -5,8 +5,9 @@ all on loopback, all state under one folder (default .v2m/stack/).
     v2m stack worker --pool P --dir D [--gpus 0,1]   a worker in an empty folder that acts as another machine
     v2m stack status / down                  which parts answer / workers first, then the servers
 
-Every service asks for credentials: MLflow through its basic-auth app (a user per host role), Prefect through
-its API auth string, S3 through keys per host role (cpu, gpu, mlflow) that reach only that role's buckets.
+Every service asks for credentials: MLflow through its basic-auth app (a user per host role; `serve`, the
+model server's, reads everything and changes nothing), Prefect through its API auth string, S3 through keys
+per host role (cpu, gpu, mlflow) that reach only that role's buckets.
 All of them are generated at the first `up` into <state>/credentials.json (mode 600) and handed to processes
 through their environment; nothing logs them. infra/ holds the production equivalents.
 """
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from v2m.s3server import SeaweedS3, free_port
-from v2m.stack_init import BUCKETS, HEARTBEAT_S, WORKER_POLL_S, QUIET, RESULTS_BLOCK, init_services
+from v2m.stack_init import (BUCKETS, DEFAULT_PERMISSION, HEARTBEAT_S, QUIET, RESULTS_BLOCK, WORKER_POLL_S,
+                            init_services)
 
 POOLS = {"cpu": "process", "gpu-a40": "process"}  # here both pools run as local process workers
 # S3 keys per host role, each reaching only the buckets that role needs ("r" read, "rw" read and write).
@@ -35,6 +37,7 @@ S3_ROLES = {"mlflow": {"v2m-mlflow": "rw"},
             "cpu": {"v2m-dvc": "rw", "v2m-results": "rw"},
             "gpu": {"v2m-dvc": "r", "v2m-checkpoints": "rw", "v2m-results": "rw"}}
 POOL_ROLE = {"cpu": "cpu", "gpu-a40": "gpu"}
+MLFLOW_USERS = ("admin", "cpu", "gpu", "serve")  # serve: read-only (MLflow's default permission, READ)
 # What a worker must not inherit from the shell that started it: it acts as another machine.
 NOT_INHERITED = ("PYTHONPATH", "MLFLOW_", "PREFECT_", "AWS_", "V2M_", "CUDA_VISIBLE_DEVICES")
 
@@ -50,7 +53,7 @@ def _new_credentials() -> dict[str, Any]:
     def key() -> dict[str, str]:
         return {"access_key": "v2m" + secrets.token_hex(8), "secret_key": secrets.token_hex(24)}
     return {"s3": {role: key() for role in ("admin", *S3_ROLES)},
-            "mlflow": {user: secrets.token_urlsafe(18) for user in ("admin", "cpu", "gpu")},
+            "mlflow": {user: secrets.token_urlsafe(18) for user in MLFLOW_USERS},
             "prefect_auth": "v2m:" + secrets.token_urlsafe(24),
             "mlflow_flask_secret": secrets.token_hex(32)}  # signs the basic-auth app's CSRF tokens
 
@@ -80,18 +83,26 @@ class Stack:
             path.chmod(0o600)
             path.write_text(json.dumps(_new_credentials()))
             (self.state_dir / "mlflow-auth.db").unlink(missing_ok=True)  # its users had the old passwords
-        return json.loads(path.read_text())
+        creds = json.loads(path.read_text())
+        if missing := [u for u in MLFLOW_USERS if u not in creds["mlflow"]]:  # a stack from before a role existed
+            creds["mlflow"] |= {u: secrets.token_urlsafe(18) for u in missing}
+            path.write_text(json.dumps(creds))
+        return creds
 
     def client_env(self, role: str = "cpu") -> dict[str, str]:
         """The environment a client of host role `cpu` or `gpu` (CLI, worker, flow run) needs to use the stack:
-        the service URLs and that role's credentials (`admin` gets the operator's S3 and MLflow keys)."""
+        the service URLs and that role's credentials (`admin` gets the operator's S3 and MLflow keys). `serve`
+        gets MLflow alone: it reads models through the MLflow server (artifacts are proxied), nothing else."""
         st, creds = self.state(), self.credentials()
         if not st:
             return {}
-        s3 = creds["s3"][role]
         user = role if role in creds["mlflow"] else "admin"
-        return {"MLFLOW_TRACKING_URI": st["mlflow_url"], "MLFLOW_TRACKING_USERNAME": user,
-                "MLFLOW_TRACKING_PASSWORD": creds["mlflow"][user],
+        mlflow = {"MLFLOW_TRACKING_URI": st["mlflow_url"], "MLFLOW_TRACKING_USERNAME": user,
+                  "MLFLOW_TRACKING_PASSWORD": creds["mlflow"][user]}
+        if role == "serve":
+            return mlflow
+        s3 = creds["s3"][role]
+        return {**mlflow,
                 "PREFECT_API_URL": st["prefect_url"] + "/api", "PREFECT_API_AUTH_STRING": creds["prefect_auth"],
                 "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": RESULTS_BLOCK, "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
                 "AWS_ACCESS_KEY_ID": s3["access_key"], "AWS_SECRET_ACCESS_KEY": s3["secret_key"],
@@ -141,7 +152,7 @@ class Stack:
 
         mlflow_port, prefect_port = free_port(), free_port()
         auth_ini = self.state_dir / "mlflow-auth.ini"  # no secret in it: the admin password comes by environment
-        auth_ini.write_text("[mlflow]\ndefault_permission = EDIT\n"
+        auth_ini.write_text(f"[mlflow]\ndefault_permission = {DEFAULT_PERMISSION}\n"
                             f"database_uri = sqlite:///{self.state_dir / 'mlflow-auth.db'}\nadmin_username = admin\n")
         st["pids"]["mlflow"] = self._spawn("mlflow", [
             str(bindir / "mlflow"), "server", "--app-name", "basic-auth", "--host", self.host,

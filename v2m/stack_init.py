@@ -1,6 +1,11 @@
 """What the team stack's servers need once before workers use them, shared by `v2m stack up` (loopback) and
 `v2m stack init` (infra/docker-compose.yml): MLflow users per host role, work pools, the `gpu` limit, the S3
 block for results, and the automation that notices a lost host.
+
+MLflow permissions: the basic-auth app's default permission is READ (the server's config), and the worker
+roles cpu and gpu get EDIT on every experiment and registered model ("*" grants), which is what they had when
+the default was EDIT. The `serve` role gets no grant: it reads models and their artifacts, and can change no
+alias, version or run (MLflow floors every grant at the default, so a READ role needs a READ default).
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from v2m.errors import UserError
 
 BUCKETS = ["v2m-mlflow", "v2m-dvc", "v2m-checkpoints", "v2m-results"]
 RESULTS_BLOCK = "remote-file-system/v2m-results"  # Prefect results of every step, on S3
+DEFAULT_PERMISSION = "READ"
+WRITERS = ("cpu", "gpu")  # roles that log runs and register, tag and promote models
+GRANTS = ("experiment", "registered_model")  # EDIT on every one of these, for each writer
 QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
          "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -24,13 +32,18 @@ def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords:
     limit (one job per GPU, all GPU hosts together), the S3 block holding every step's result, and the
     automation that marks a lost host's flow runs Crashed. `env` points the Prefect CLI at the server."""
     import requests
-    url = env["MLFLOW_TRACKING_URI"]
-    for user in ("cpu", "gpu"):  # the default permission, EDIT, lets each read and write every experiment
+    url, admin = env["MLFLOW_TRACKING_URI"], ("admin", mlflow_passwords["admin"])
+    for user in (*WRITERS, "serve"):
         r = requests.post(f"{url}/api/2.0/mlflow/users/create", timeout=30,
-                          json={"username": user, "password": mlflow_passwords[user]},
-                          auth=("admin", mlflow_passwords["admin"]))
+                          json={"username": user, "password": mlflow_passwords[user]}, auth=admin)
         if r.status_code != 200 and "already exists" not in r.text.lower():
             raise RuntimeError(f"creating MLflow user {user} failed: HTTP {r.status_code}")
+    for user in WRITERS:
+        for kind in GRANTS:
+            r = requests.post(f"{url}/api/3.0/mlflow/users/permissions/grant", timeout=30, auth=admin, json={
+                "username": user, "resource_type": kind, "resource_id": "*", "permission": "EDIT"})
+            if r.status_code != 200 and "already exists" not in r.text.lower():
+                raise RuntimeError(f"granting MLflow user {user} EDIT on every {kind} failed: HTTP {r.status_code}")
     prefect, env = str(Path(sys.executable).parent / "prefect"), {**env, **QUIET}
     template = Path(__file__).resolve().parents[1] / "infra" / "work-pools" / "gpu-a40-process.json"
     for cmd in ([prefect, "work-pool", "create", "gpu-a40", "--type", "process", "--base-job-template",
@@ -51,7 +64,8 @@ def init_from_environment(gpus: int) -> None:
     import boto3
     env = dict(os.environ)
     missing = [k for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_CPU_PASSWORD",
-                           "MLFLOW_GPU_PASSWORD", "PREFECT_API_URL", "AWS_ENDPOINT_URL") if not env.get(k)]
+                           "MLFLOW_GPU_PASSWORD", "MLFLOW_SERVE_PASSWORD", "PREFECT_API_URL", "AWS_ENDPOINT_URL")
+               if not env.get(k)]
     if missing:
         raise UserError(f"v2m stack init: set {', '.join(missing)} in the environment")
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
@@ -60,7 +74,8 @@ def init_from_environment(gpus: int) -> None:
         s3.create_bucket(Bucket=bucket)
     init_services(env, env["AWS_ENDPOINT_URL"], gpus, {"admin": env["MLFLOW_TRACKING_PASSWORD"],
                                                        "cpu": env["MLFLOW_CPU_PASSWORD"],
-                                                       "gpu": env["MLFLOW_GPU_PASSWORD"]})
+                                                       "gpu": env["MLFLOW_GPU_PASSWORD"],
+                                                       "serve": env["MLFLOW_SERVE_PASSWORD"]})
 
 
 # Creates the Prefect block that stores results on S3. The endpoint is not secret; the keys are not in the

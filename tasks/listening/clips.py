@@ -9,11 +9,13 @@ settings and data, generated through tasks/evaluation's `generate_chunk` otherwi
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 
 from tasks.data.track_cache import confined
 from tasks.orchestration import params_hash
@@ -98,6 +100,20 @@ def mix(vocal: np.ndarray, vocal_sr: int, inst: np.ndarray, sr: int) -> np.ndarr
             out += stem * np.float32(MIX_RMS / rms)
     peak = float(np.max(np.abs(out))) if n else 0.0
     return out * np.float32(MIX_PEAK / peak) if peak > MIX_PEAK else out
+
+
+def served_clip(path: Path, pair: list[Path], key: bytes) -> bytes:
+    """The clip at `path` as 16-bit WAV bytes for one listener: cut to the shorter clip of its trial's `pair`
+    (both sides the same length), plus a TPDF dither of one 16-bit step drawn from `key` (inaudible, at
+    -90 dBFS; the same clip's bytes then differ from one listener to the next and map to no model)."""
+    n = min(sf.info(str(p)).frames for p in pair)
+    audio, sr = sf.read(str(path), dtype="float32", frames=n)
+    rng = np.random.default_rng(int.from_bytes(key[:16], "little"))
+    step = np.float32(1 / 32768)
+    audio = audio + (rng.random(audio.shape, np.float32) - rng.random(audio.shape, np.float32)) * step
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(audio, -1.0, 1.0), sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
 
 
 def _cached_eval_audio(model: str, duration: float, split: str, seed: int, data_version: str,

@@ -3,6 +3,10 @@
 A vote is a row of store.py: `model_a`, `model_b`, `winner` ("" = no preference), `listener`, `chunk_id`,
 `genre`, `language`. "No preference" counts as half a win for each side: it pulls the win rate toward 0.5
 instead of being dropped, so a challenger nobody can tell apart from the champion does not look better.
+
+A vote may carry a `weight` (1 when absent): summarize() caps each listener's total at `max_per_listener`
+(each of their k votes weighs min(1, cap / k)), so the win rate and its interval rest on people, not on how
+many vocals one keen listener answered. Counts (n, wins, ...) stay counts of votes; `weight` is their sum.
 """
 
 from __future__ import annotations
@@ -32,13 +36,24 @@ def outcome(vote: dict[str, Any], model: str) -> str:
 
 
 def win_rate(votes: list[dict[str, Any]], model: str, confidence: float = 0.95) -> dict[str, Any]:
-    """`model`'s record over the votes it took part in: n, wins, losses, ties, rate, Wilson interval."""
-    counts = Counter(outcome(v, model) for v in votes if model in (v["model_a"], v["model_b"]))
-    n = sum(counts.values())
-    score = counts["win"] + 0.5 * counts["tie"]
-    low, high = wilson(score, n, confidence)
-    return {"n": n, "wins": counts["win"], "losses": counts["loss"], "ties": counts["tie"],
-            "win_rate": score / n if n else math.nan, "ci_low": low, "ci_high": high}
+    """`model`'s record over the votes it took part in: n, wins, losses, ties, their total weight, the
+    (weighted) rate and its Wilson interval."""
+    counts, weights = Counter(), Counter()
+    for v in votes:
+        if model in (v["model_a"], v["model_b"]):
+            counts[outcome(v, model)] += 1
+            weights[outcome(v, model)] += v.get("weight", 1.0)
+    n, total = sum(counts.values()), sum(weights.values())
+    score = weights["win"] + 0.5 * weights["tie"]
+    low, high = wilson(score, total, confidence)
+    return {"n": n, "weight": total, "wins": counts["win"], "losses": counts["loss"], "ties": counts["tie"],
+            "win_rate": score / total if total else math.nan, "ci_low": low, "ci_high": high}
+
+
+def capped(votes: list[dict[str, Any]], max_per_listener: float) -> list[dict[str, Any]]:
+    """The votes with a `weight` each, so that no listener's votes weigh more than `max_per_listener`."""
+    per = Counter(v["listener"] for v in votes)
+    return [{**v, "weight": min(1.0, max_per_listener / per[v["listener"]])} for v in votes]
 
 
 def agreement(votes: list[dict[str, Any]], model: str) -> dict[str, Any]:
@@ -97,10 +112,14 @@ def bradley_terry(votes: list[dict[str, Any]], iterations: int = 2000, tol: floa
     return s
 
 
-def summarize(votes: list[dict[str, Any]], model: str, opponent: str, confidence: float = 0.95) -> dict[str, Any]:
-    """Everything the page, the gate and the model version record: `model`'s results against `opponent`
-    overall, per genre and per language, listener agreement, and Bradley-Terry over every model voted on."""
+def summarize(votes: list[dict[str, Any]], model: str, opponent: str, confidence: float = 0.95,
+              max_per_listener: float | None = None) -> dict[str, Any]:
+    """Everything the owner, the gate and the model version record: `model`'s results against `opponent`
+    overall, per genre and per language (each listener's weight capped at `max_per_listener`, if given),
+    listener agreement, and Bradley-Terry over every model voted on."""
     pair = [v for v in votes if {v["model_a"], v["model_b"]} == {model, opponent}]
+    if max_per_listener is not None:
+        pair = capped(pair, max_per_listener)
     out: dict[str, Any] = {"model": model, "opponent": opponent, "confidence": confidence,
                            "listeners": len({v["listener"] for v in pair}), **win_rate(pair, model, confidence),
                            "agreement": agreement(pair, model)}

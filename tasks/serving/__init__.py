@@ -3,7 +3,11 @@
     app.py      create_app(): the FastAPI app; routers for the API, the operations endpoints and the page
     holder.py   ModelHolder: the model being served; follows a registry alias and swaps atomically
     batcher.py  Batcher: a bounded queue and one worker that runs requests arriving together as one batch
-    inputs.py   upload and form checks: each bad input is a RequestError with its 4xx status
+    inputs.py   upload and form checks: each bad input is a RequestError with its 4xx status; a vocal is judged
+                by its header before it is decoded
+    guard.py    the edge (shared with `v2m listen`): Host, cross-origin POST, API keys, the body counted as it
+                arrives against a byte limit and a deadline, a deadline on headers, per-client slots
+    access.py   at start: API keys from the environment, no open port beyond loopback, serve's MLflow credentials
     metrics.py  Prometheus metrics (a registry per app)
     server.py   serve(): build everything from params.yaml `serve:` and run uvicorn
 

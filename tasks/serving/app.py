@@ -2,17 +2,27 @@
 
 create_app() takes the parts (holder, batcher, settings) and mounts one router per concern; another module adds
 its own with `app.include_router(...)` (the listening page does). Every error is JSON
-{"error": code, "detail": sentence} with its status: 4xx for the request's fault, 503/504 for the server's state.
+{"error": code, "detail": sentence} with its status: 4xx for the request's fault, 503/504 for the server's state;
+no detail ever carries a Python object's address.
+
+Bounded work per request: guard.py refuses wrong hosts, cross-origin POSTs, missing API keys, and bodies past
+serve.max_upload_mb or serve.body_timeout_s while they arrive; inputs.py reads a vocal's length and rate from its
+header before decoding; each client has at most serve.max_per_client requests in flight; a request whose client
+hangs up (or that passes serve.timeout_s) is dropped from the queue, or stops its batch at the next step when
+it was the batch's last listener (models/cancel.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import re
 import secrets
 import time
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 import soundfile as sf
@@ -21,8 +31,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from models.cancel import CancelToken
 from models.longform import Request as GenRequest
-from tasks.serving.batcher import Batcher, NotReady, Overloaded
+from tasks.serving.batcher import Batcher, NotReady, Overloaded, Result
+from tasks.serving.guard import (ClientSlots, EdgeError, EdgeRules, Guard, TooManyForClient, client_id,
+                                 edge_error_handler)
 from tasks.serving.holder import ModelHolder
 from tasks.serving.inputs import (RequestError, decode_vocal, max_upload_bytes, parse_duration, parse_prompt,
                                   parse_seed)
@@ -30,6 +43,13 @@ from tasks.serving.metrics import Metrics
 from v2m.config_serve import GenerateConfig, ServeConfig
 
 MULTIPART_SLACK = 64 * 1024  # form fields and boundaries around the file
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics")  # probes and scrapers: any Host, no API key
+ADDRESS = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+log = logging.getLogger("v2m.serve")
+
+
+class ClientGone(Exception):
+    """The client hung up before its result was ready."""
 
 
 @dataclass
@@ -40,10 +60,20 @@ class Service:
     holder: ModelHolder
     batcher: Batcher
     metrics: Metrics
+    api_keys: dict[str, str] = field(default_factory=dict)  # name -> key (V2M_SERVE_API_KEYS); empty = open
+    clients: ClientSlots = field(init=False)  # requests in flight per client, whichever model answers them
+
+    def __post_init__(self) -> None:
+        self.clients = ClientSlots(self.cfg.max_per_client)
+
+
+def scrub(detail: str) -> str:
+    """No `<object at 0x...>` in what a client reads: addresses help an attacker and nobody else."""
+    return ADDRESS.sub("the upload", detail)
 
 
 def error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+    return JSONResponse({"error": code, "detail": scrub(detail)}, status_code=status, headers=headers)
 
 
 def api_router() -> APIRouter:
@@ -54,10 +84,25 @@ def api_router() -> APIRouter:
                        duration: str | None = Form(None), seed: str | None = Form(None)) -> Response:
         svc: Service = request.app.state.service
         started = time.perf_counter()
+        client = client_id(request.scope)
         try:
-            response = await _generate(svc, vocal, prompt, duration, seed)
-        except RequestError as exc:
-            response = error(exc.status, exc.error, exc.detail, exc.headers)
+            svc.clients.acquire(client)
+        except TooManyForClient:
+            response = error(429, "too_many_requests", f"this client already has {svc.cfg.max_per_client} requests "
+                             f"in flight (params.yaml serve.max_per_client)",
+                             {"Retry-After": str(svc.cfg.retry_after_s)})
+        else:
+            try:
+                response = await _generate(svc, request, vocal, prompt, duration, seed)
+            except RequestError as exc:
+                response = error(exc.status, exc.error, exc.detail, exc.headers)
+            except ClientGone:
+                response = error(499, "client_gone", "the client closed the connection")  # nobody reads it
+            except Exception:  # the model failed: say so without internals (the log has the traceback)
+                log.exception("generation failed")
+                response = error(500, "generation_failed", "the model failed on this request; see the server log")
+            finally:
+                svc.clients.release(client)
         svc.metrics.requests.labels(status=str(response.status_code)).inc()
         if response.status_code == 200:
             svc.metrics.latency.observe(time.perf_counter() - started)
@@ -66,38 +111,63 @@ def api_router() -> APIRouter:
     return router
 
 
-async def _generate(svc: Service, vocal: UploadFile | None, prompt: str | None, duration: str | None,
-                    seed: str | None) -> Response:
+async def _generate(svc: Service, request: Request, vocal: UploadFile | None, prompt: str | None,
+                    duration: str | None, seed: str | None) -> Response:
     cfg = svc.cfg
+    requested = None if duration in (None, "") else parse_duration(duration, None, cfg, svc.gen)
     audio, sr = None, 0
     if vocal is not None and vocal.filename:
         data = await vocal.read(max_upload_bytes(cfg) + 1)
-        audio, sr = await asyncio.to_thread(decode_vocal, data, vocal.filename, cfg)
+        audio, sr = await asyncio.to_thread(decode_vocal, data, vocal.filename, cfg, requested)
     text = parse_prompt(prompt)
     if audio is None and text is None:
         raise RequestError(422, "no_input", "send a vocal file (field 'vocal'), a prompt (field 'prompt'), or both")
-    seconds = parse_duration(duration, None if audio is None else len(audio) / sr, cfg, svc.gen)
+    seconds = requested or parse_duration(None, None if audio is None else len(audio) / sr, cfg, svc.gen)
     chosen = parse_seed(seed)
     chosen = secrets.randbelow(2**31) if chosen is None else chosen
     retry = {"Retry-After": str(cfg.retry_after_s)}
+    token = CancelToken()
     try:
-        future = svc.batcher.submit(GenRequest(audio, sr, text, seconds, chosen))
+        future = svc.batcher.submit(GenRequest(audio, sr, text, seconds, chosen, cancel=token))
     except NotReady:
         raise RequestError(503, "not_ready", svc.holder.error or "the model is still loading", retry) from None
     except Overloaded:
         raise RequestError(503, "overloaded", f"{svc.batcher.pending} requests are queued (params.yaml "
                                               f"serve.max_pending); try again later", retry) from None
-    try:
-        result = await asyncio.wait_for(asyncio.wrap_future(future), cfg.timeout_s)
-    except TimeoutError:
+    result = await _result(future, token, request, cfg.timeout_s)
+    if result is None:
         raise RequestError(504, "timeout", f"no result within {cfg.timeout_s:g} s (params.yaml serve.timeout_s)",
-                           retry) from None
+                           retry)
     svc.metrics.rtf.observe(result.seconds / seconds)
     buf = io.BytesIO()
     sf.write(buf, result.audio, result.sample_rate, format="WAV", subtype="PCM_16")
     return Response(buf.getvalue(), media_type="audio/wav",
                     headers={"X-V2M-Model": result.model, "X-V2M-Seed": str(chosen),
                              "Content-Disposition": 'attachment; filename="instrumental.wav"'})
+
+
+async def _result(future: Future, token: CancelToken, request: Request, timeout_s: float) -> Result | None:
+    """The generation's result; None past the timeout; ClientGone when the client hangs up first. Either way
+    the request is cancelled: dropped if still queued, its batch stopped if nobody else waits for it."""
+    waiter = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({waiter, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if waiter in done:
+        return waiter.result()
+    token.cancel()
+    waiter.cancel()  # cancels the queued job too (a running one ends through its token)
+    if gone in done:
+        raise ClientGone()
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def ops_router() -> APIRouter:
@@ -145,29 +215,28 @@ def create_app(svc: Service) -> FastAPI:
         svc.batcher.stop()
         svc.holder.stop()
 
-    app = FastAPI(title="voice2music", lifespan=lifespan)
+    cfg = svc.cfg
+    docs = cfg.docs  # off by default: the API's shape is in the README, not served to whoever asks
+    app = FastAPI(title="voice2music", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.service = svc
-
-    @app.middleware("http")
-    async def upload_limit(request: Request, call_next):
-        """Refuse an oversized upload from its Content-Length, before reading it."""
-        size = request.headers.get("content-length")
-        if request.method == "POST" and size and size.isdigit() and \
-                int(size) > max_upload_bytes(svc.cfg) + MULTIPART_SLACK:
-            svc.metrics.requests.labels(status="413").inc()
-            return error(413, "too_large", f"the request is larger than {svc.cfg.max_upload_mb:g} MB "
-                                           f"(params.yaml serve.max_upload_mb)")
-        return await call_next(request)
+    count = lambda status: svc.metrics.requests.labels(status=str(status)).inc()  # noqa: E731
+    app.add_middleware(Guard, on_refused=count, rules=EdgeRules(
+        max_body_bytes=max_upload_bytes(cfg) + MULTIPART_SLACK, body_timeout_s=cfg.body_timeout_s,
+        allowed_hosts=cfg.allowed_hosts, api_keys=svc.api_keys, open_paths=OPEN_PATHS,
+        limit_hint=" (params.yaml serve.max_upload_mb)"))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        svc.metrics.requests.labels(status="422").inc()
+        count(422)
         return error(422, "invalid_request", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                                        for e in exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.status_code, "http_error", str(exc.detail))
+        if isinstance(exc, EdgeError):  # a body past the limit or the deadline, met while the route read it
+            count(exc.status_code)
+        return edge_error_handler(request, exc)
 
     for router in (api_router(), ops_router(), page_router()):
         app.include_router(router)

@@ -3,7 +3,9 @@
 One worker owns the model calls (a GPU runs one generate at a time best; batching is how it serves several).
 Each batch takes the holder's current model once, so a swap between batches never splits a request across
 two models. Requests beyond `max_pending` (queued + running) are refused at once (Overloaded -> 503 with
-Retry-After) instead of queueing without bound.
+Retry-After) instead of queueing without bound. A request leaves the count the moment its future is done or
+cancelled: a client that hangs up frees its slot at once, and a cancelled job is skipped when its turn comes.
+A batch whose every request was cancelled stops at its next step (models/cancel.py) and serves the next one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.cancel import Cancelled
 from models.longform import Request, generate_batch
 from tasks.serving.holder import ModelHolder
 from tasks.serving.metrics import Metrics
@@ -64,6 +67,7 @@ class Batcher:
             self._pending += 1
             self.metrics.queue_depth.set(self._pending)
         fut: Future = Future()
+        fut.add_done_callback(lambda f: self._done(1))  # result, error or cancel: the slot is free
         self._queue.put((req, fut))
         return fut
 
@@ -88,26 +92,29 @@ class Batcher:
         return batch
 
     def run_batch(self, batch: list[tuple[Request, Future]]) -> None:
-        live = [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]  # timed-out requests are dropped
-        self._done(len(batch) - len(live))
+        live = [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]  # cancelled while queued: skipped
+        self.metrics.cancelled.labels(stage="queued").inc(len(batch) - len(live))
         if not live:
             return
         served = self.holder.current  # one model for the whole batch, even if a swap happens meanwhile
-        try:
-            for group in _same_duration(live):
+        for group in _same_duration(live):
+            try:
                 start = time.perf_counter()
                 audio = generate_batch(served.backend, [r for r, _ in group], self.gen)
                 took = time.perf_counter() - start
                 self.metrics.batch_size.observe(len(group))
                 for (_, fut), a in zip(group, audio):
                     fut.set_result(Result(a, served.backend.sample_rate, served.label, took))
-                self._done(len(group))
-        except Exception as exc:  # fail the batch's requests (500), keep the worker alive
-            log.exception("generation failed")
-            unfinished = [f for _, f in live if not f.done()]
-            for f in unfinished:
-                f.set_exception(exc)
-            self._done(len(unfinished))
+            except Cancelled as exc:  # every client of this group left: nobody to answer
+                log.info("stopped a batch of %d: %s", len(group), exc)
+                self.metrics.cancelled.labels(stage="running").inc(len(group))
+                for _, fut in group:
+                    fut.set_exception(exc)
+            except Exception as exc:  # fail the group's requests (500), keep the worker alive
+                log.exception("generation failed")
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(exc)
 
     def start(self) -> None:
         def run() -> None:

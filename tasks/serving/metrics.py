@@ -16,6 +16,8 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.rtf = Histogram("v2m_realtime_factor", "Generation time / generated audio time (below 1 = faster "
                              "than real time), per request", buckets=RTF_BUCKETS, registry=r)
+        self.cancelled = Counter("v2m_cancelled", "Requests whose client left (or that timed out): dropped from "
+                                 "the queue, or stopped while generating", ["stage"], registry=r)
         self.queue_depth = Gauge("v2m_queue_depth", "Requests queued or running", registry=r)
         self.batch_size = Histogram("v2m_batch_size", "Requests per model call", buckets=(1, 2, 3, 4, 6, 8, 16),
                                     registry=r)

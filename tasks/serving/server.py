@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from tasks.serving.access import api_keys, check_exposure, check_registry_access
 from tasks.serving.app import Service, create_app
 from tasks.serving.batcher import Batcher
+from tasks.serving.guard import deadlined
 from tasks.serving.holder import ModelHolder
 from tasks.serving.metrics import Metrics
 from v2m.config import Params
+from v2m.config_serve import ServeConfig
 from v2m.tracking import REGISTERED_MODELS
 
 
@@ -37,7 +40,15 @@ def build_service(params: Params, root: Path, ref: str | None = None) -> Service
     holder = ModelHolder(ref or default_ref(params),
                          lambda label: require_conditioning(resolve_model(label, device=device)), cfg.poll_s, on_change)
     batcher = Batcher(holder, params.generate, metrics, cfg.max_pending, cfg.batch_window_ms / 1000, cfg.max_batch)
-    return Service(cfg, params.generate, holder, batcher, metrics)
+    return Service(cfg, params.generate, holder, batcher, metrics, api_keys())
+
+
+def server_config(app, cfg: ServeConfig, host: str, port: int, **options):
+    """uvicorn's settings for a server that faces people: a deadline on every request's headers, and the
+    client's address taken from the connection (uvicorn would otherwise believe X-Forwarded-For from loopback)."""
+    import uvicorn
+    return uvicorn.Config(app, host=host, port=port, http=deadlined(cfg.header_timeout_s), proxy_headers=False,
+                          **options)
 
 
 def serve(params: Params, root: Path, ref: str | None = None, host: str | None = None,
@@ -45,9 +56,22 @@ def serve(params: Params, root: Path, ref: str | None = None, host: str | None =
     import uvicorn
 
     from models.refs import to_model_uri
-    ref = ref or default_ref(params)
+    from v2m.tracking import tracking_uri
+    ref, host = ref or default_ref(params), host or params.serve.host
+    check_exposure(host, api_keys())  # before anything loads: an open server on the network is a mistake
     if not Path(ref).is_dir():
         to_model_uri(ref)  # a REF that can never name a model fails now (exit 1), not as a server never ready
+        # the registry must answer serve's credentials, or the champion never loads
+        check_registry_access(tracking_uri(params, root), registered_name(ref, params))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(build_service(params, root, ref))
-    uvicorn.run(app, host=host or params.serve.host, port=port or params.serve.port, log_level="info")
+    uvicorn.Server(server_config(app, params.serve, host, port or params.serve.port, log_level="info")).run()
+
+
+def registered_name(ref: str, params: Params) -> str:
+    """The registered model a REF reads (NAME@alias, NAME/VERSION), else (runs:/...) the backend's."""
+    body = ref.removeprefix("models:/")
+    if "@" in body:
+        return body.split("@")[0]
+    return body.rpartition("/")[0] if "/" in body and not ref.startswith("runs:/") else \
+        REGISTERED_MODELS[params.serve.backend]

@@ -60,12 +60,15 @@ def set_champion(root: Path, version: str, backend: str = "musicgen") -> None:
     mlflow.MlflowClient().set_registered_model_alias(model_name(backend), "champion", version)
 
 
-def start_server(root: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+def start_server(root: Path, port: int, log: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`v2m serve --port PORT --params root/params.yaml *args` in `root`; `env` replaces this process's
+    environment (without MLflow's URI and serve's API keys: the project's params say where the registry is)."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "V2M_SERVE_API_KEYS")}
+    env = {**env, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
     with log.open("wb") as out:
         return subprocess.Popen([sys.executable, "-m", "v2m.cli", "serve", "--port", str(port), "--params",
-                                 str(root / "params.yaml")], cwd=root, env=env, stdout=out,
+                                 str(root / "params.yaml"), *args], cwd=root, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
 
 

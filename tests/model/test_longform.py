@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from models import get_backend, save_model
+from models.cancel import Cancelled, CancelToken
 from models.longform import Request, TooLongError, generate_batch, generate_long, seam_times, window_starts
 from tests.conftest import synth_stems
 from v2m.cli import app
@@ -114,3 +115,31 @@ def test_audioldm_batches_keep_each_requests_own_seed() -> None:
     assert [len(a) for a in batch] == [6 * b.sample_rate] * 3
     assert np.abs(batch[1] - alone).max() < 1e-3
     assert np.abs(batch[0] - batch[2]).max() > 0.1  # different requests, different audio
+
+
+class CancelAfter(CancelToken):
+    """A token that cancels itself after being asked `checks` times: where generation stops shows how often a
+    backend looks (once per window, once per decoding or diffusion step)."""
+
+    def __init__(self, checks: int):
+        super().__init__()
+        self.asked, self.checks = 0, checks
+
+    @property
+    def cancelled(self) -> bool:
+        self.asked += 1
+        return self.asked > self.checks
+
+
+@pytest.mark.parametrize("name", ["musicgen", "audioldm"])
+def test_a_batch_whose_clients_all_left_stops_within_a_window(name: str) -> None:
+    b = tiny(name)
+    kept, gone = CancelToken(), CancelAfter(3)
+    with pytest.raises(Cancelled):  # asked before the first window, then after its 1st, 2nd and 3rd step: stop
+        generate_batch(b, [Request(vocal(12.0), 22050, None, 12.0, seed=1, cancel=gone)], CFG, steps=5)
+    assert gone.asked == 4
+    other = CancelAfter(3)  # one client still waits: the batch runs to the end for it
+    out = generate_batch(b, [Request(None, 0, "Pop", 2.0, seed=1, cancel=other),
+                             Request(None, 0, "Pop", 2.0, seed=2, cancel=kept)], CFG, steps=5)
+    assert [len(a) for a in out] == [round(2.0 * b.sample_rate)] * 2
+    assert other.asked > 3  # asked all along, at least once per step
