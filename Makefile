@@ -43,17 +43,19 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[render,ml,serve,dev]'
+	$(BIN)/pip install -q -e '.[render,ml,serve,dev,datasets]'
 	touch $(STAMP)
 
 # System packages: espeak-ng sings the demo vocals and libfluidsynth3 renders the accompaniment (without them
-# the demo builder falls back to pure-Python synths); chromium renders the comparison report in the tests.
+# the demo builder falls back to pure-Python synths); chromium renders the comparison report in the tests;
+# ffmpeg decodes MUSDB18's .stem.mp4 files (`v2m data import --format musdb`, through stempeg).
 # A failure here (no root, no apt) is reported, not fatal.
 sysdeps:
 	@missing=""; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	ldconfig -p 2>/dev/null | grep -q libfluidsynth || missing="$$missing libfluidsynth3"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing"; \

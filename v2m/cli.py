@@ -72,16 +72,82 @@ def report(summary: dict) -> None:
 # --- data -------------------------------------------------------------------------------------------
 
 @data_app.command("demo")
-def data_demo(out: OutOpt = Path("data/raw"), params: ParamsOpt = DEFAULT_PARAMS,
-              n_tracks: Annotated[int | None, typer.Option(help="Override data.demo.n_tracks.")] = None) -> None:
-    """Render the demo dataset: Bach chorales (music21 corpus) as vocal + instrumental stems."""
-    from tasks.data.demo import build_demo_dataset
+def data_demo(out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default data/raw, "
+                                                       "or data/mixes with --mixes).")] = None,
+              params: ParamsOpt = DEFAULT_PARAMS,
+              n_tracks: Annotated[int | None, typer.Option(help="Override data.demo.n_tracks.")] = None,
+              mixes: Annotated[bool, typer.Option("--mixes", help="Finished songs (vocal + instrumental mixed) for "
+                                                  "`v2m data separate`, with the true stems in OUT/stems/.")] = False
+              ) -> None:
+    """Render the demo dataset: Bach chorales (music21 corpus) as vocal + instrumental stems, or as mixes."""
+    from tasks.data.demo import build_demo_dataset, write_mixes
     p = params_or_fail(params)
     cfg = p.data.demo if n_tracks is None else p.data.demo.model_copy(update={"n_tracks": n_tracks})
+    out = out or Path("data/mixes" if mixes else "data/raw")
     with user_errors(), progress_bar("demo") as update:
-        summary = build_demo_dataset(out, cfg, seed=p.seed, progress=update)
-    console.print(f"demo dataset: {summary['n_tracks']} tracks in {out}")
+        summary = build_demo_dataset(out / "stems" if mixes else out, cfg, seed=p.seed, progress=update)
+        if mixes:
+            summary["mixes"] = write_mixes(out / "stems", out)
+    what = f"{summary['n_tracks']} mixes in {out} (true stems in {out / 'stems'})" if mixes else \
+        f"{summary['n_tracks']} tracks in {out}"
+    console.print(f"demo dataset: {what}")
     report(summary)
+
+
+@data_app.command("separate")
+def data_separate(mixes_dir: Path, out: OutOpt = Path("data/raw"), params: ParamsOpt = DEFAULT_PARAMS,
+                  method: Annotated[str | None, typer.Option(help="Override separate.method: harmonic (weight-free) "
+                                                             "or demucs (learned, needs weights).")] = None) -> None:
+    """Split finished songs (metadata.csv + <track_id>.wav|flac|mp3) into the raw layout, one vocal and one
+    instrumental per track, with separation.jsonl (method, model, quality); poor separations are quarantined."""
+    from tasks.data.separate import REPORT, separate_dataset
+    p = params_or_fail(params)
+    if method not in (None, "harmonic", "demucs"):
+        console.print(f"error: --method must be harmonic or demucs (got {method!r})")
+        raise typer.Exit(2)
+    cfg = p.separate.model_copy(update={"method": method or p.separate.method})
+    with user_errors(), progress_bar("separate") as update:
+        res = separate_dataset(mixes_dir, out, cfg, p.workers, update)
+    for line in res["report"]:
+        if line["status"] == "quarantined":
+            console.print(f"[yellow]quarantined[/yellow] {line['track_id']}: {line['reason']} — {line['message']}",
+                          highlight=False)
+    console.print(f"separate ({cfg.method}): {len(res['accepted'])} separated, "
+                  f"{len(res['report']) - len(res['accepted'])} quarantined (report: {out / REPORT}); "
+                  f"{res['stats'].processed} processed, {res['stats'].reused} reused")
+
+
+@data_app.command("import")
+def data_import(src: Annotated[Path, typer.Argument(help="The dataset's folder.")],
+                format: Annotated[str, typer.Option("--format", help="musdb (MUSDB18-HQ folders or MUSDB18 "
+                                                    ".stem.mp4), moisesdb, or stems (a folder per track).")],
+                out: OutOpt = Path("data/raw"),
+                genre: Annotated[str | None, typer.Option(help="Genre of every track the source gives none.")] = None,
+                language: Annotated[str | None, typer.Option(help="ISO 639 language of every track (en, fr, ...).")] = None,
+                artist: Annotated[str | None, typer.Option(help="Artist of every track the source names none.")] = None,
+                metadata: Annotated[Path | None, typer.Option(help="CSV: a `track` column (the dataset's name or the "
+                                                              "track_id) and any metadata columns.")] = None,
+                vocals: Annotated[list[str] | None, typer.Option(help="--format stems: glob of vocal stem file names "
+                                                                 "(repeatable; default *vocal* *vox* *voice* *sing*).")] = None,
+                skip: Annotated[list[str] | None, typer.Option(help="--format stems: files that are neither, e.g. the "
+                                                               "full mix (default mix* *mixture* *master* *full*).")] = None
+                ) -> None:
+    """Import a stem dataset into the raw layout: vocals + instrumental (every other stem) per track, metadata.csv."""
+    from tasks.data.importers import REPORT, SKIP_PATTERNS, VOCAL_PATTERNS, import_dataset
+    options = {"vocal_patterns": tuple(vocals or VOCAL_PATTERNS), "skip_patterns": tuple(skip or SKIP_PATTERNS)}
+    with user_errors():
+        res = import_dataset(format, src, out, {"genre": genre, "language": language, "artist": artist}, metadata,
+                             **options)
+    bad = [line for line in res["report"] if line["status"] != "ok"]
+    for line in bad:
+        console.print(f"[yellow]not imported[/yellow] {line['track_id']}: {line['reason']} — {line['message']}",
+                      highlight=False)
+    for column, tracks in res["lacking"].items():
+        console.print(f"[yellow]{len(tracks)} track(s) have no {column}[/yellow] ({', '.join(tracks[:3])}"
+                      f"{', ...' if len(tracks) > 3 else ''}): fill it in {out / 'metadata.csv'} or import again with "
+                      f"--{column} / --metadata; until then validate quarantines them", highlight=False)
+    console.print(f"import {format}: {len(res['report']) - len(bad)} tracks in {out}, {len(bad)} not imported "
+                  f"(report: {out / REPORT})")
 
 
 @data_app.command("validate")
