@@ -287,7 +287,8 @@ def train_cmd(backend: Annotated[str, typer.Option(help="musicgen or audioldm.")
 
 @app.command("generate")
 def generate_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="Output .wav file.")],
-                 duration: Annotated[float, typer.Option(help="Seconds of audio to generate.")] = 8.0,
+                 duration: Annotated[float | None, typer.Option(help="Seconds of audio to generate (default: as "
+                                                                "long as the vocal; text only: serve.default_duration_s).")] = None,
                  model: Annotated[str | None, typer.Option(help="NAME@alias, NAME/version or runs:/RUN_ID.")] = None,
                  checkpoint: Annotated[Path | None, typer.Option(help="A saved model folder.")] = None,
                  vocal: Annotated[Path | None, typer.Option(help="The vocal (wav, flac, mp3, ogg); omit for text only.")] = None,
@@ -308,12 +309,14 @@ def generate_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="Output .
     if vocal is None and not prompt:
         console.print("error: give a --vocal, a --prompt, or both")
         raise typer.Exit(2)
-    if duration <= 0:
+    if duration is not None and duration <= 0:
         fail(f"--duration must be positive (got {duration})")
     p = params_or_fail(params)
     with user_errors():
-        check_length(duration, p.generate)  # before any model loads
         voice, sr = load_vocal(vocal) if vocal is not None else (None, 0)
+        if duration is None:  # as `v2m serve` does: the vocal's length, else the text-only default
+            duration = len(voice) / sr if voice is not None else p.serve.default_duration_s
+        check_length(duration, p.generate)  # before any model loads
         setup_mlflow(p, Path.cwd())
         b = resolve_model(str(checkpoint or model))
     if backend and backend != b.name:

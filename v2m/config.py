@@ -195,6 +195,13 @@ class PromotionConfig(Strict):
     human_preference: HumanPreferenceConfig = HumanPreferenceConfig()  # the blind listening test's gate
 
 
+class ReportConfig(Strict):
+    """`v2m compare`'s report: a paired difference is a win or a loss only when its interval excludes 0 AND it is
+    at least this large (an interval can exclude 0 around a difference of -0.0000 on many chunks)."""
+    min_difference: float = Field(0.01, ge=0)  # metrics on [0, 1] / [-1, 1] scales
+    min_fad_ratio: float = Field(0.05, ge=0)   # FAD (unbounded): this share of the first model's FAD
+
+
 class RetrainConfig(Strict):
     """Defaults of the `retrain` flow's parameters."""
     backends: list[Literal["musicgen", "audioldm"]] = ["musicgen", "audioldm"]
@@ -254,6 +261,7 @@ class Params(Strict):
     orchestration: OrchestrationConfig = OrchestrationConfig()
     promotion: PromotionConfig = PromotionConfig()
     listening: ListeningConfig = ListeningConfig()
+    report: ReportConfig = ReportConfig()
     separate: SeparateConfig = SeparateConfig()
     generate: GenerateConfig = GenerateConfig()
     serve: ServeConfig = ServeConfig()
