@@ -16,11 +16,11 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: demo test setup sysdeps bench clean
 
+# Its last lines are each backend's champion and comparison report (`v2m retrain` prints them last). The same
+# tracks as finished songs, separated by the pipeline: README "Three ways in" (v2m data demo --mixes).
 demo: setup
 	$(BIN)/v2m data demo --out data/raw
 	$(BIN)/v2m retrain
-	@echo "More: data/raw/DATASET_CARD.md, data/validated/quarantine.jsonl, .v2m/data_version.json, .v2m/runs/;"
-	@echo "      MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///.v2m/mlflow.db"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -460,9 +460,14 @@ def retrain_cmd(backends: Annotated[list[str] | None, typer.Option("--backend", 
     params_or_fail(params)
     with user_errors():
         out = retrain(project_dir=str(Path.cwd()), backends=backends, max_steps=max_steps, push_data=push_data)
-    for backend, entry in out["backends"].items():
-        console.print(f"{backend}: champion v{entry['champion']}; report {entry.get('report', '-')}")
-    report(out)
+    summary = Path(".v2m") / "retrain-summary.json"  # every step's decision: a file, not a screenful of JSON
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
+    console.print(f"details: {summary} (every step and gate), .v2m/data_version.json, "
+                  f"data/validated/quarantine.jsonl; MLflow: mlflow ui --backend-store-uri sqlite:///.v2m/mlflow.db",
+                  highlight=False)
+    for backend, entry in out["backends"].items():  # the last lines: what a person looks at first
+        console.print(f"{backend}: champion v{entry['champion']}; report {entry.get('report', '-')}", highlight=False)
 
 
 stack_app = typer.Typer(help="The team stack on loopback: SeaweedFS (S3), MLflow server, Prefect server, workers.",
