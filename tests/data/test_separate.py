@@ -122,3 +122,32 @@ def test_stems_tracked_by_hand_and_a_mixes_source_are_refused_with_what_to_do(mi
     (mix_project / "data/raw.dvc").write_text("outs:\n- path: raw\n")
     with pytest.raises(UserError, match=r"raw.dvc.*data\.mixes: \[\].*dvc remove raw\.dvc"):
         check_source(mix_project, p.data)
+
+
+def test_another_host_adopts_the_separation_through_the_dvc_remote(mix_project: Path, tmp_path: Path) -> None:
+    """Team mode's hand-off (flows/prepare_data.py separate_step): the GPU host separates and pushes; the CPU host,
+    which never ran the stage, records its dvc.lock entry and pulls data/raw, and `dvc repro` goes on from there."""
+    from tasks.data.versioning import _repo, adopt_stages, configure_remote, push, stage_locks
+    from v2m.config import DvcConfig
+    gpu_host = mix_project
+    make_mixes(gpu_host / "data/mixes")
+    p = load_params(gpu_host / "params.yaml")
+    track_raw(gpu_host, p.data.input_dir)
+    assert reproduce(gpu_host, ["separate"]) == ["separate@data/mixes"]
+    remote = DvcConfig(remote="local", local_url=str(tmp_path / "dvc-remote"))
+    assert push(gpu_host, remote) > 0
+    lock = stage_locks(gpu_host, "separate")
+    assert list(lock) == ["separate@data/mixes"]
+
+    cpu_host = tmp_path / "cpu-host"  # the same commit (code, params, data/mixes.dvc), nothing it did not make
+    shutil.copytree(gpu_host, cpu_host, ignore=shutil.ignore_patterns("raw", "mixes", "cache", "dvc.lock", "tmp"))
+    assert not (cpu_host / "data/raw").exists() and not (cpu_host / "dvc.lock").exists()
+    configure_remote(cpu_host, remote)
+    with _repo(cpu_host) as repo:  # the songs, as tasks/handoff.py pull_raw does at the clone's data/mixes.dvc
+        assert repo.pull(targets=["data/mixes.dvc"])["stats"]["fetched"] > 0
+    assert adopt_stages(cpu_host, remote, lock) > 0
+    assert reproduce(cpu_host, ["validate"]) == ["validate"]  # separate is done: its lock entry matches here
+    for line in read_jsonl(cpu_host / "data/raw/separation.jsonl"):
+        if line["status"] == "ok":
+            a, b = (read_audio(h / "data/raw" / line["track_id"] / "vocals.wav")[0] for h in (gpu_host, cpu_host))
+            assert np.array_equal(a, b)
