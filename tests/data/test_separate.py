@@ -115,6 +115,14 @@ def test_songs_are_separated_by_the_dvc_pipeline_scored_quarantined_and_redone_p
     assert (stats["processed"], stats["reused"]) == (1, len(genres) - 1)
     assert json.loads((proj / "data/validated/stats.json").read_text())["processed"] == 1
 
+    # New thresholds re-judge the cached estimates: the stage runs, separates nothing, and lets the song through.
+    params = proj / "params.yaml"
+    params.write_text(params.read_text().replace("  min_quality: 0.5 ", "  min_quality: 0.0 ", 1))
+    assert reproduce(proj, ["validate"]) == ["separate@data/mixes", "validate"]
+    stats = json.loads((raw / "stats.json").read_text())
+    assert (stats["processed"], stats["reused"]) == (0, len(genres))
+    assert {line["track_id"]: line["status"] for line in read_jsonl(raw / "separation.jsonl")}[NO_VOCAL] == "ok"
+
 
 def test_stems_tracked_by_hand_and_a_mixes_source_are_refused_with_what_to_do(mix_project: Path) -> None:
     p = load_params(mix_project / "params.yaml")
