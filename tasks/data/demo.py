@@ -188,9 +188,11 @@ def write_mixes(stems_dir: Path, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     with open(stems_dir / "metadata.csv", newline="") as f:
         ids = [row["track_id"] for row in csv.DictReader(f)]
-    for stale in out_dir.glob("*.wav"):
-        if stale.stem not in ids:
-            stale.unlink()
+    if (out_dir / "ground_truth.csv").is_file():  # mixes an earlier demo build made (and only those) that are gone
+        with open(out_dir / "ground_truth.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                if row["track_id"] not in ids:
+                    (out_dir / f"{row['track_id']}.wav").unlink(missing_ok=True)
     scaled = 0
     for tid in ids:
         (vocal, sr), (inst, _) = (read_mono(stems_dir / tid / f"{s}.wav") for s in ("vocals", "instrumental"))

@@ -84,7 +84,7 @@ def estimate(mix: np.ndarray, vocals: np.ndarray, instrumental: np.ndarray, sr: 
                         harmonic.harmonics, hm.ANALYSIS_SR / 2048)
     on_vocal = float((comb * V[:, :n]).sum())
     out["vocal_in_instrumental_db"] = _db(float((comb * I[:, :n]).sum()), on_vocal)
-    out["accompaniment_in_vocal_db"] = _db(float(V.sum()) - on_vocal, on_vocal)
+    out["accompaniment_in_vocal_db"] = _db(float(V[:, :n].sum()) - on_vocal, on_vocal)
     return {k: round(x, 2) if np.isfinite(x) else (-999.0 if x < 0 else 999.0) for k, x in out.items()}
 
 
