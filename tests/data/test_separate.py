@@ -159,3 +159,20 @@ def test_another_host_adopts_the_separation_through_the_dvc_remote(mix_project: 
         if line["status"] == "ok":
             a, b = (read_audio(h / "data/raw" / line["track_id"] / "vocals.wav")[0] for h in (gpu_host, cpu_host))
             assert np.array_equal(a, b)
+
+
+def test_the_prepare_data_flow_separates_first_when_the_source_is_songs(mix_project: Path, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.prepare_data import prepare_data
+    make_mixes(mix_project / "data/mixes")
+    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(tmp_path / "prefect-storage"))
+    with prefect_test_harness(server_startup_timeout=120):
+        version = prepare_data(project_dir=str(mix_project))
+    assert version["stages_run"][:2] == ["separate@data/mixes", "validate"]
+    assert version["stages_run"][-2:] == ["cache_musicgen", "cache_audioldm"]
+    assert version["raw_changed"] is True and (mix_project / "data/mixes.dvc").is_file()
+    assert not (mix_project / "data/raw.dvc").exists()  # data/raw is the stage's output, not the user's input
+    assert version["stats"]["tracks"] == 3 and version["stats"]["quarantined"] == 1
+    assert {"data/raw", "data/mixes"} <= set(version["outputs"])  # both in the data version
