@@ -6,8 +6,9 @@
 
 Why this and not a repetition model: REPET-SIM (median filtering over similar frames) scored −1.3 dB SDRi on the
 vocal of the rendered demo chorales (chorales do not repeat); the voice in a song is the most salient pitched line
-above the bass, so finding its pitch finds most of its energy. Measured on the demo's stems (bench/separation.py):
-tuned on 4 tracks, held out 4: +4.1 dB (vocal) / +4.7 dB (instrumental) SDRi, ~10x real time on one CPU core.
+above the bass, so finding its pitch finds most of its energy. Measured on the 18 demo songs against their stems
+(bench/separation.py; the constants were tuned on 4 of them): SDRi +4.2 dB (vocal) / +5.8 dB (instrumental), every
+song above 0, ~4x real time on one CPU core.
 
 Choices behind the constants (all measured on demo tracks against their true stems):
 - Salience sums only 3 harmonics (weights 1, .6, .36) and is scaled by the fundamental's own share of the
