@@ -15,7 +15,9 @@ numba_cache.claim()
 if os.environ.get("PREFECT_HOME"):
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 
-# MLflow draws a progress bar for every artifact download; written to a log or a pipe (`make demo > log`, CI, a
-# Prefect worker) they are hundreds of lines of noise. Only a terminal gets them; an explicit setting wins.
+# MLflow draws a progress bar for every artifact download, transformers one for every model it loads (through
+# huggingface_hub's switch); written to a log or a pipe (`make demo > log`, CI, a Prefect worker) they are hundreds
+# of lines of noise. Only a terminal gets them; an explicit setting wins.
 if not sys.stderr.isatty():
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

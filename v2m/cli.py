@@ -6,6 +6,7 @@ Exit codes: 0 done; 1 the input or the configuration is wrong (the message names
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -468,6 +469,8 @@ def retrain_cmd(backends: Annotated[list[str] | None, typer.Option("--backend", 
                   highlight=False)
     for backend, entry in out["backends"].items():  # the last lines: what a person looks at first
         console.print(f"{backend}: champion v{entry['champion']}; report {entry.get('report', '-')}", highlight=False)
+    # ... also after Prefect's temporary server logs that it stops (at exit, on the `prefect` logger)
+    logging.getLogger("prefect").setLevel(logging.WARNING)
 
 
 stack_app = typer.Typer(help="The team stack on loopback: SeaweedFS (S3), MLflow server, Prefect server, workers.",

@@ -4,6 +4,7 @@ goes to a file instead of hundreds of lines of JSON after them, and MLflow's pro
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -24,7 +25,13 @@ def test_the_last_lines_are_the_champions_and_their_reports(tmp_path: Path, monk
         "audioldm": {"champion": "2", "report": "/p/.v2m/reports/compare-2/index.html", "steps": steps}}}
     monkeypatch.setattr(flows.retrain, "retrain", lambda **_: result)  # the flow is not what is tested here
     monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(app, ["retrain", "--params", str(ROOT / "params.yaml")])
+    prefect_logger = logging.getLogger("prefect")
+    level = prefect_logger.level
+    try:
+        res = CliRunner().invoke(app, ["retrain", "--params", str(ROOT / "params.yaml")])
+        assert prefect_logger.level == logging.WARNING  # the temporary server's "Stopping" at exit: not printed
+    finally:
+        prefect_logger.setLevel(level)
     assert res.exit_code == 0, res.output
     lines = res.output.strip().splitlines()
     assert lines[-2:] == ["musicgen: champion v3; report /p/.v2m/reports/compare-1/index.html",
@@ -33,12 +40,13 @@ def test_the_last_lines_are_the_champions_and_their_reports(tmp_path: Path, monk
     assert json.loads((tmp_path / ".v2m" / "retrain-summary.json").read_text()) == result  # ... it is in a file
 
 
-def test_mlflow_progress_bars_are_off_when_not_a_terminal() -> None:
+def test_mlflow_and_transformers_progress_bars_are_off_when_not_a_terminal() -> None:
     code = "import v2m, os; from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as V; " \
-           "print(os.environ.get('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'), V.get())"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"}
+           "from transformers.utils import logging; print(V.get(), logging.is_progress_bar_enabled())"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+                                                            "HF_HUB_DISABLE_PROGRESS_BARS")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert out.stdout.split() == ["false", "False"], out.stderr  # stderr is a pipe here, as in `make demo > log`
-    env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "true"  # an explicit choice wins
+    assert out.stdout.split() == ["False", "False"], out.stderr  # stderr is a pipe here, as in `make demo > log`
+    env.update(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="true", HF_HUB_DISABLE_PROGRESS_BARS="0")  # explicit wins
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert out.stdout.split() == ["true", "True"]
+    assert out.stdout.split() == ["True", "True"]
