@@ -16,11 +16,11 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: demo test setup sysdeps bench clean gpu-wheelhouse
 
+# Its last lines are each backend's champion and comparison report (`v2m retrain` prints them last). The same
+# tracks as finished songs, separated by the pipeline: README "Three ways in" (v2m data demo --mixes).
 demo: setup
 	$(BIN)/v2m data demo --out data/raw
 	$(BIN)/v2m retrain
-	@echo "More: data/raw/DATASET_CARD.md, data/validated/quarantine.jsonl, .v2m/data_version.json, .v2m/runs/;"
-	@echo "      MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///.v2m/mlflow.db"
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -43,17 +43,19 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[render,ml,serve,dev]'
+	$(BIN)/pip install -q -e '.[render,ml,serve,dev,datasets]'
 	touch $(STAMP)
 
 # System packages: espeak-ng sings the demo vocals and libfluidsynth3 renders the accompaniment (without them
-# the demo builder falls back to pure-Python synths); chromium renders the comparison report in the tests.
+# the demo builder falls back to pure-Python synths); chromium renders the comparison report in the tests;
+# ffmpeg decodes MUSDB18's .stem.mp4 files (`v2m data import --format musdb`, through stempeg).
 # A failure here (no root, no apt) is reported, not fatal.
 sysdeps:
 	@missing=""; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	ldconfig -p 2>/dev/null | grep -q libfluidsynth || missing="$$missing libfluidsynth3"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing"; \

@@ -29,7 +29,7 @@ def raw_fingerprint(root: Path, raw_dir: str) -> str:
 def data_watch(project_dir: str = ".") -> dict[str, Any]:
     root, params = project_params(project_dir)
     log = get_run_logger()
-    now = raw_fingerprint(root, params.data.raw_dir)
+    now = raw_fingerprint(root, params.data.input_dir)  # the songs, when the separate stage makes data/raw
     seen_file = root / SEEN
     before = json.loads(seen_file.read_text())["fingerprint"] if seen_file.is_file() else None
     if now == before:

@@ -56,10 +56,10 @@ def publish(root: Path, params: Params, data_version: str) -> dict[str, Any]:
 def pull_raw(root: Path, params: Params) -> int:
     """The raw data at the revision this clone names (data/raw.dvc, committed by whoever added the data)."""
     from tasks.data.versioning import _repo, configure_remote
-    pointer = root / f"{params.data.raw_dir}.dvc"
+    pointer = root / f"{params.data.input_dir}.dvc"  # data/raw, or the songs (data.mixes) separate splits
     if not pointer.is_file():
         raise DataVersionError(f"{pointer.relative_to(root)}: not in the repository; the data owner adds the raw "
-                               f"data once with `dvc add {params.data.raw_dir}`, commits the .dvc file and `dvc push`es")
+                               f"data once with `dvc add {params.data.input_dir}`, commits the .dvc file and `dvc push`es")
     configure_remote(root, _remote(params)[0])
     with _repo(root) as repo:
         return int(repo.pull(targets=[str(pointer.relative_to(root))], force=True)["stats"].get("fetched", 0))

@@ -3,6 +3,7 @@ before any librosa code is compiled, and makes sure Prefect's home folder exists
 stages, pool workers, flows, the tests) imports v2m before prefect."""
 
 import os
+import sys
 from pathlib import Path
 
 from v2m import numba_cache
@@ -13,3 +14,10 @@ numba_cache.claim()
 # the temporary server's SQLite file could not be opened and every client call timed out (CI, 2026-12-02).
 if os.environ.get("PREFECT_HOME"):
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+
+# MLflow draws a progress bar for every artifact download, transformers one for every model it loads (through
+# huggingface_hub's switch); written to a log or a pipe (`make demo > log`, CI, a Prefect worker) they are hundreds
+# of lines of noise. Only a terminal gets them; an explicit setting wins.
+if not sys.stderr.isatty():
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -6,6 +6,7 @@ Exit codes: 0 done; 1 the input or the configuration is wrong (the message names
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,16 +73,82 @@ def report(summary: dict) -> None:
 # --- data -------------------------------------------------------------------------------------------
 
 @data_app.command("demo")
-def data_demo(out: OutOpt = Path("data/raw"), params: ParamsOpt = DEFAULT_PARAMS,
-              n_tracks: Annotated[int | None, typer.Option(help="Override data.demo.n_tracks.")] = None) -> None:
-    """Render the demo dataset: Bach chorales (music21 corpus) as vocal + instrumental stems."""
-    from tasks.data.demo import build_demo_dataset
+def data_demo(out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default data/raw, "
+                                                       "or data/mixes with --mixes).")] = None,
+              params: ParamsOpt = DEFAULT_PARAMS,
+              n_tracks: Annotated[int | None, typer.Option(help="Override data.demo.n_tracks.")] = None,
+              mixes: Annotated[bool, typer.Option("--mixes", help="Finished songs (vocal + instrumental mixed) for "
+                                                  "`v2m data separate`, with the true stems in OUT/stems/.")] = False
+              ) -> None:
+    """Render the demo dataset: Bach chorales (music21 corpus) as vocal + instrumental stems, or as mixes."""
+    from tasks.data.demo import build_demo_dataset, write_mixes
     p = params_or_fail(params)
     cfg = p.data.demo if n_tracks is None else p.data.demo.model_copy(update={"n_tracks": n_tracks})
+    out = out or Path("data/mixes" if mixes else "data/raw")
     with user_errors(), progress_bar("demo") as update:
-        summary = build_demo_dataset(out, cfg, seed=p.seed, progress=update)
-    console.print(f"demo dataset: {summary['n_tracks']} tracks in {out}")
+        summary = build_demo_dataset(out / "stems" if mixes else out, cfg, seed=p.seed, progress=update)
+        if mixes:
+            summary["mixes"] = write_mixes(out / "stems", out)
+    what = f"{summary['n_tracks']} mixes in {out} (true stems in {out / 'stems'})" if mixes else \
+        f"{summary['n_tracks']} tracks in {out}"
+    console.print(f"demo dataset: {what}")
     report(summary)
+
+
+@data_app.command("separate")
+def data_separate(mixes_dir: Path, out: OutOpt = Path("data/raw"), params: ParamsOpt = DEFAULT_PARAMS,
+                  method: Annotated[str | None, typer.Option(help="Override separate.method: harmonic (weight-free) "
+                                                             "or demucs (learned, needs weights).")] = None) -> None:
+    """Split finished songs (metadata.csv + <track_id>.wav|flac|mp3) into the raw layout, one vocal and one
+    instrumental per track, with separation.jsonl (method, model, quality); poor separations are quarantined."""
+    from tasks.data.separate import REPORT, separate_dataset
+    p = params_or_fail(params)
+    if method not in (None, "harmonic", "demucs"):
+        console.print(f"error: --method must be harmonic or demucs (got {method!r})")
+        raise typer.Exit(2)
+    cfg = p.separate.model_copy(update={"method": method or p.separate.method})
+    with user_errors(), progress_bar("separate") as update:
+        res = separate_dataset(mixes_dir, out, cfg, p.workers, update)
+    for line in res["report"]:
+        if line["status"] == "quarantined":
+            console.print(f"[yellow]quarantined[/yellow] {line['track_id']}: {line['reason']} — {line['message']}",
+                          highlight=False)
+    console.print(f"separate ({cfg.method}): {len(res['accepted'])} separated, "
+                  f"{len(res['report']) - len(res['accepted'])} quarantined (report: {out / REPORT}); "
+                  f"{res['stats'].processed} processed, {res['stats'].reused} reused")
+
+
+@data_app.command("import")
+def data_import(src: Annotated[Path, typer.Argument(help="The dataset's folder.")],
+                format: Annotated[str, typer.Option("--format", help="musdb (MUSDB18-HQ folders or MUSDB18 "
+                                                    ".stem.mp4), moisesdb, or stems (a folder per track).")],
+                out: OutOpt = Path("data/raw"),
+                genre: Annotated[str | None, typer.Option(help="Genre of every track the source gives none.")] = None,
+                language: Annotated[str | None, typer.Option(help="ISO 639 language of every track (en, fr, ...).")] = None,
+                artist: Annotated[str | None, typer.Option(help="Artist of every track the source names none.")] = None,
+                metadata: Annotated[Path | None, typer.Option(help="CSV: a `track` column (the dataset's name or the "
+                                                              "track_id) and any metadata columns.")] = None,
+                vocals: Annotated[list[str] | None, typer.Option(help="--format stems: glob of vocal stem file names "
+                                                                 "(repeatable; default *vocal* *vox* *voice* *sing*).")] = None,
+                skip: Annotated[list[str] | None, typer.Option(help="--format stems: files that are neither, e.g. the "
+                                                               "full mix (default mix* *mixture* *master* *full*).")] = None
+                ) -> None:
+    """Import a stem dataset into the raw layout: vocals + instrumental (every other stem) per track, metadata.csv."""
+    from tasks.data.importers import REPORT, SKIP_PATTERNS, VOCAL_PATTERNS, import_dataset
+    options = {"vocal_patterns": tuple(vocals or VOCAL_PATTERNS), "skip_patterns": tuple(skip or SKIP_PATTERNS)}
+    with user_errors():
+        res = import_dataset(format, src, out, {"genre": genre, "language": language, "artist": artist}, metadata,
+                             **options)
+    bad = [line for line in res["report"] if line["status"] != "ok"]
+    for line in bad:
+        console.print(f"[yellow]not imported[/yellow] {line['track_id']}: {line['reason']} — {line['message']}",
+                      highlight=False)
+    for column, tracks in res["lacking"].items():
+        console.print(f"[yellow]{len(tracks)} track(s) have no {column}[/yellow] ({', '.join(tracks[:3])}"
+                      f"{', ...' if len(tracks) > 3 else ''}): fill it in {out / 'metadata.csv'} or import again with "
+                      f"--{column} / --metadata; until then validate quarantines them", highlight=False)
+    console.print(f"import {format}: {len(res['report']) - len(bad)} tracks in {out}, {len(bad)} not imported "
+                  f"(report: {out / REPORT})")
 
 
 @data_app.command("validate")
@@ -221,7 +288,8 @@ def train_cmd(backend: Annotated[str, typer.Option(help="musicgen or audioldm.")
 
 @app.command("generate")
 def generate_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="Output .wav file.")],
-                 duration: Annotated[float, typer.Option(help="Seconds of audio to generate.")] = 8.0,
+                 duration: Annotated[float | None, typer.Option(help="Seconds of audio to generate (default: as "
+                                                                "long as the vocal; text only: serve.default_duration_s).")] = None,
                  model: Annotated[str | None, typer.Option(help="NAME@alias, NAME/version or runs:/RUN_ID.")] = None,
                  checkpoint: Annotated[Path | None, typer.Option(help="A saved model folder.")] = None,
                  vocal: Annotated[Path | None, typer.Option(help="The vocal (wav, flac, mp3, ogg); omit for text only.")] = None,
@@ -242,12 +310,14 @@ def generate_cmd(out: Annotated[Path, typer.Option("--out", "-o", help="Output .
     if vocal is None and not prompt:
         console.print("error: give a --vocal, a --prompt, or both")
         raise typer.Exit(2)
-    if duration <= 0:
+    if duration is not None and duration <= 0:
         fail(f"--duration must be positive (got {duration})")
     p = params_or_fail(params)
     with user_errors():
-        check_length(duration, p.generate)  # before any model loads
         voice, sr = load_vocal(vocal) if vocal is not None else (None, 0)
+        if duration is None:  # as `v2m serve` does: the vocal's length, else the text-only default
+            duration = len(voice) / sr if voice is not None else p.serve.default_duration_s
+        check_length(duration, p.generate)  # before any model loads
         setup_mlflow(p, Path.cwd())
         b = resolve_model(str(checkpoint or model))
     if backend and backend != b.name:
@@ -408,9 +478,16 @@ def retrain_cmd(backends: Annotated[list[str] | None, typer.Option("--backend", 
     params_or_fail(params)
     with user_errors():
         out = retrain(project_dir=str(Path.cwd()), backends=backends, max_steps=max_steps, push_data=push_data)
-    for backend, entry in out["backends"].items():
-        console.print(f"{backend}: champion v{entry['champion']}; report {entry.get('report', '-')}")
-    report(out)
+    summary = Path(".v2m") / "retrain-summary.json"  # every step's decision: a file, not a screenful of JSON
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
+    console.print(f"details: {summary} (every step and gate), .v2m/data_version.json, "
+                  f"data/validated/quarantine.jsonl; MLflow: mlflow ui --backend-store-uri sqlite:///.v2m/mlflow.db",
+                  highlight=False)
+    for backend, entry in out["backends"].items():  # the last lines: what a person looks at first
+        console.print(f"{backend}: champion v{entry['champion']}; report {entry.get('report', '-')}", highlight=False)
+    # ... also after Prefect's temporary server logs that it stops (at exit, on the `prefect` logger)
+    logging.getLogger("prefect").setLevel(logging.WARNING)
 
 
 stack_app = typer.Typer(help="The team stack on loopback: SeaweedFS (S3), MLflow server, Prefect server, workers.",

@@ -17,6 +17,7 @@ from v2m.config_base import Strict
 from v2m.config_listening import HumanPreferenceConfig, ListeningConfig
 from v2m.errors import UserError
 from v2m.config_musicgen import MusicGenConfig
+from v2m.config_separate import SeparateConfig
 from v2m.config_serve import GenerateConfig, ServeConfig
 from v2m.config_train import TrainConfig, TrainSection, resolve_train
 
@@ -104,6 +105,10 @@ class SegmentConfig(Strict):
 
 class DataConfig(Strict):
     raw_dir: str = "data/raw"
+    # Finished songs instead of stems: [] = raw_dir holds your stems (the default); [data/mixes] = that folder holds
+    # songs (metadata.csv + <track_id>.wav|flac|mp3), which dvc.yaml's `separate` stage splits into raw_dir. A list
+    # because DVC has no conditional stages: `separate` is a foreach over it, so an empty list means no stage.
+    mixes: list[str] = Field(default_factory=list, max_length=1)
     demo: DemoConfig = DemoConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     normalize: NormalizeConfig = NormalizeConfig()
@@ -112,6 +117,28 @@ class DataConfig(Strict):
     segment: SegmentConfig = SegmentConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        for folder in self.mixes:
+            parts = Path(folder).parts
+            if Path(folder).is_absolute() or ".." in parts or not parts:
+                raise ValueError(f"mixes: {folder!r} must be a folder inside the project (a relative path)")
+            if Path(folder) == Path(self.raw_dir) or Path(self.raw_dir) in Path(folder).parents \
+                    or Path(folder) in Path(self.raw_dir).parents:
+                raise ValueError(f"mixes: {folder!r} overlaps raw_dir {self.raw_dir!r}; the separate stage writes "
+                                 f"raw_dir from it")
+        return self
+
+    @property
+    def source(self) -> str:
+        """What the user adds to DVC: 'mixes' (songs to separate) or 'stems' (raw_dir as it is)."""
+        return "mixes" if self.mixes else "stems"
+
+    @property
+    def input_dir(self) -> str:
+        """The folder the user's data lives in and `dvc add`s: the mixes folder, or raw_dir."""
+        return self.mixes[0] if self.mixes else self.raw_dir
 
 
 class S3RemoteConfig(Strict):
@@ -168,6 +195,13 @@ class PromotionConfig(Strict):
     human_preference: HumanPreferenceConfig = HumanPreferenceConfig()  # the blind listening test's gate
 
 
+class ReportConfig(Strict):
+    """`v2m compare`'s report: a paired difference is a win or a loss only when its interval excludes 0 AND it is
+    at least this large (an interval can exclude 0 around a difference of -0.0000 on many chunks)."""
+    min_difference: float = Field(0.01, ge=0)  # metrics on [0, 1] / [-1, 1] scales
+    min_fad_ratio: float = Field(0.05, ge=0)   # FAD (unbounded): this share of the first model's FAD
+
+
 class RetrainConfig(Strict):
     """Defaults of the `retrain` flow's parameters."""
     backends: list[Literal["musicgen", "audioldm"]] = ["musicgen", "audioldm"]
@@ -193,8 +227,9 @@ class OrchestrationConfig(Strict):
     fine-tuning and evaluation to deployments on the gpu-a40 pool and data/registry steps to the cpu pool
     (run_deployment), against PREFECT_API_URL. The environment variable V2M_ORCHESTRATION overrides `mode`."""
     mode: Literal["embedded", "team"] = "embedded"
-    deployments: dict[str, str] = {"prepare-data": "prepare-data/prepare-data", "finetune": "finetune/finetune",
-                                   "evaluate": "evaluate/evaluate", "promote": "promote/promote"}
+    deployments: dict[str, str] = {"prepare-data": "prepare-data/prepare-data", "separate": "separate/separate",
+                                   "finetune": "finetune/finetune", "evaluate": "evaluate/evaluate",
+                                   "promote": "promote/promote"}
     gpu_hosts: dict[str, int] = {"local": 1}  # GPU host -> its GPU count; their sum is the `gpu` limit
     code: CodeSource = CodeSource()
     step_attempts: int = Field(2, ge=1)  # a step whose flow run crashed (its host was lost) is started again
@@ -226,6 +261,8 @@ class Params(Strict):
     orchestration: OrchestrationConfig = OrchestrationConfig()
     promotion: PromotionConfig = PromotionConfig()
     listening: ListeningConfig = ListeningConfig()
+    report: ReportConfig = ReportConfig()
+    separate: SeparateConfig = SeparateConfig()
     generate: GenerateConfig = GenerateConfig()
     serve: ServeConfig = ServeConfig()
 

@@ -180,6 +180,36 @@ def build_demo_dataset(out_dir: Path, cfg: DemoConfig, seed: int, cache_dir: Pat
     return {**summary, "build_s": round(time.perf_counter() - started, 2)}
 
 
+def write_mixes(stems_dir: Path, out_dir: Path) -> dict:
+    """The demo as finished songs, for `v2m data separate`: `out_dir/<track_id>.wav` = vocal + instrumental of
+    `stems_dir` (a demo build), with its metadata.csv. A mix that would clip is scaled down, and so are its stems
+    (rewritten in place), so each mix stays exactly the sum of the stems kept as its ground truth."""
+    from v2m.audio import read_mono
+    out_dir = Path(out_dir)
+    with open(stems_dir / "metadata.csv", newline="") as f:
+        ids = [row["track_id"] for row in csv.DictReader(f)]
+    if (out_dir / "ground_truth.csv").is_file():  # mixes an earlier demo build made (and only those) that are gone
+        with open(out_dir / "ground_truth.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                if row["track_id"] not in ids:
+                    (out_dir / f"{row['track_id']}.wav").unlink(missing_ok=True)
+    scaled = 0
+    for tid in ids:
+        (vocal, sr), (inst, _) = (read_mono(stems_dir / tid / f"{s}.wav") for s in ("vocals", "instrumental"))
+        mix = vocal + inst
+        gain = min(1.0, 0.89 / max(float(np.abs(mix).max()), 1e-9))  # peak at most -1 dBFS
+        if gain < 1.0:
+            scaled += 1
+            for stem, y in (("vocals", vocal), ("instrumental", inst)):
+                write_wav(stems_dir / tid / f"{stem}.wav", y, sr, gain=gain)
+            (vocal, sr), (inst, _) = (read_mono(stems_dir / tid / f"{s}.wav") for s in ("vocals", "instrumental"))
+            mix = vocal + inst  # the sum of what was written (16-bit), not of the floats before
+        write_wav(out_dir / f"{tid}.wav", mix, sr)
+    for name in ("metadata.csv", "ground_truth.csv"):
+        shutil.copy(stems_dir / name, out_dir / name)
+    return {"n_mixes": len(ids), "scaled_down": scaled, "stems": str(stems_dir)}
+
+
 def _counts(title: str, counts: dict) -> str:
     return f"| {title} | tracks |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in sorted(counts.items()))
 

@@ -8,6 +8,7 @@ track: track_id, file, reason, message) and `stats.json`. A bad track never stop
 from __future__ import annotations
 
 import csv
+import json
 import re
 from functools import partial
 from pathlib import Path
@@ -196,6 +197,22 @@ def _stem_stats(track_dir: Path) -> dict[str, list]:
     return out
 
 
+UPSTREAM_REPORTS = {"separation.jsonl": "separate", "import.jsonl": "import"}
+
+
+def upstream_quarantine(root: Path) -> list[dict[str, Any]]:
+    """The tracks `v2m data separate` or `v2m data import` already rejected (their reports in the folder), as this
+    stage's report records: one quarantine report for the whole pipeline. A separated track keeps its stems, to be
+    listened to, but has no metadata row and is not validated again."""
+    out = []
+    for name, stage in UPSTREAM_REPORTS.items():
+        path = root / name
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        out += [{"track_id": q["track_id"], "file": q.get("file", ""), "reason": q["reason"], "message": q["message"],
+                 "stage": stage} for q in lines if q.get("status") == "quarantined"]
+    return out
+
+
 def validate_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: ValidateConfig,
                      workers: int = 0, progress=None) -> dict[str, Any]:
     """Validate every track of `raw_dir`; write accepted records and the quarantine report to `out_dir`."""
@@ -203,8 +220,9 @@ def validate_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: ValidateConf
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
     rows = read_metadata(root)
+    separated = upstream_quarantine(root)  # tracks the separate or import step already rejected
     folders = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    track_ids = sorted(folders | set(rows))
+    track_ids = sorted((folders | set(rows)) - {q["track_id"] for q in separated})
     records = [{"root": str(root), "track_id": tid, "row": rows.get(tid),
                 "stat": _stem_stats(root / tid) if tid in folders and TRACK_ID.fullmatch(tid) else {}}
                for tid in track_ids]
@@ -213,7 +231,7 @@ def validate_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: ValidateConf
     results, stats = run_per_track("validate", records, key_fn, partial(validate_track, cfg=cfg),
                                    out_dir, workers, progress)
     accepted = [r["ok"] for r in results if "ok" in r]
-    rejected = [r["rejected"] for r in results if "rejected" in r]
+    rejected = [r["rejected"] for r in results if "rejected" in r] + separated
     write_jsonl(out_dir / "tracks.jsonl", accepted)
     write_jsonl(out_dir / "quarantine.jsonl", rejected)
     write_stats(out_dir, stats, accepted=len(accepted), quarantined=len(rejected))

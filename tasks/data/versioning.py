@@ -23,6 +23,7 @@ import yaml
 
 from tasks.data.segment import FINGERPRINTS
 from v2m.config import DvcConfig
+from v2m.errors import UserError
 
 VERSION_FILE = Path(".v2m") / "data_version.json"
 
@@ -50,12 +51,42 @@ def track_raw(root: Path, raw_dir: str) -> bool:
         return before != _read_yaml(root / f"{raw_dir}.dvc")
 
 
-def reproduce(root: Path) -> list[str]:
-    """`dvc repro`: run the stages whose deps or params changed; returns the names of those that ran."""
+def reproduce(root: Path, targets: list[str] | None = None) -> list[str]:
+    """`dvc repro [targets]`: run the stages whose deps or params changed (of `targets` and what they need);
+    returns the names of those that ran."""
     _venv_on_path()
     with _repo(root) as repo:
-        stages = repo.reproduce()
+        stages = repo.reproduce(targets) if targets else repo.reproduce()
     return [s.addressing for s in stages]
+
+
+def stage_locks(root: Path, stage: str) -> dict[str, Any]:
+    """dvc.lock's entries for `stage` (for a foreach stage, every stage it generated: separate@data/mixes)."""
+    lock = _read_yaml(Path(root) / "dvc.lock") or {}
+    return {k: v for k, v in lock.get("stages", {}).items() if k == stage or k.startswith(f"{stage}@")}
+
+
+def adopt_stages(root: Path, cfg: DvcConfig, entries: dict[str, Any]) -> int:
+    """Stages another host ran (their dvc.lock entries, their outputs pushed to the remote in `cfg`): record them
+    in this dvc.lock and pull their outputs, so `dvc repro` here finds them done. Returns the files fetched."""
+    path = Path(root) / "dvc.lock"
+    lock = _read_yaml(path) or {"schema": "2.0", "stages": {}}
+    lock.setdefault("stages", {}).update(entries)
+    path.write_text(yaml.safe_dump(lock, sort_keys=False))
+    outs = [out["path"] for entry in entries.values() for out in entry.get("outs", [])]
+    configure_remote(root, cfg)
+    with _repo(root) as repo:
+        return int(repo.pull(targets=outs, force=True)["stats"].get("fetched", 0)) if outs else 0
+
+
+def check_source(root: Path, data) -> None:
+    """The folder the user's data is in must be the one DVC tracks: with `data.mixes` set, the separate stage
+    writes data/raw, which an old `data/raw.dvc` (stems added by hand) would also claim."""
+    pointer = Path(root) / f"{data.raw_dir}.dvc"
+    if data.mixes and pointer.is_file():
+        raise UserError(f"{pointer}: {data.raw_dir} is tracked as your stems, but params.yaml data.mixes says the "
+                        f"`separate` stage writes it from {data.mixes[0]}. Either set data.mixes: [] (use the stems), "
+                        f"or `dvc remove {pointer.name}` (move {data.raw_dir} aside first to keep those stems)")
 
 
 def _read_yaml(path: Path) -> Any:

@@ -10,7 +10,7 @@ The page, for the people who decide:
   instrumental alone, with a spectrogram and the chunk's scores; the ground truth is the first column;
 - aggregate, per-genre and per-language tables: each model's value and its paired difference from the
   first model (mean over the same chunks, bootstrap interval, n), with the side that wins marked when the
-  interval excludes 0.
+  interval excludes 0 and the difference reaches the practical threshold stated on the page (params `report:`).
 The folder (index.html + audio/ + img/, relative links only) is written under .v2m/reports/ and logged to
 MLflow, so it opens from disk or from the MLflow artifact store without a server.
 """
@@ -29,7 +29,7 @@ import numpy as np
 from tasks.evaluation.evaluate import EvalResult
 from tasks.evaluation.metrics import METRICS
 from tasks.evaluation.paired import Interval, paired_fad_ci, paired_mean_ci
-from v2m.config import Params
+from v2m.config import Params, ReportConfig
 from v2m.errors import UserError
 from v2m.tracking import EXPERIMENTS, experiment_id, setup_mlflow
 
@@ -90,12 +90,23 @@ def _num(v: Any) -> float:
         return float("nan")
 
 
-def verdict(metric: str, ci: Interval) -> str:
-    """'better' / 'worse' than the first model when the interval excludes 0 (by the metric's direction)."""
+def practical_threshold(metric: str, first_value: float, cfg: ReportConfig) -> float:
+    """The smallest difference worth calling a win or a loss: report.min_difference, or for FAD (unbounded, its
+    scale set by the embedder) report.min_fad_ratio x the first model's FAD."""
+    if metric.removeprefix("eval/").split("/")[-1] == "fad":
+        return cfg.min_fad_ratio * abs(first_value) if np.isfinite(first_value) else float("inf")
+    return cfg.min_difference
+
+
+def verdict(metric: str, ci: Interval, threshold: float = 0.0) -> str:
+    """'better' / 'worse' than the first model when the interval excludes 0 (by the metric's direction) and the
+    difference is at least `threshold`; 'negligible' when it excludes 0 but is smaller; else 'tie'."""
     info = METRICS.get(metric.removeprefix("eval/").split("/")[-1])
     if info is None or info.higher_is_better is None or not ci.n or not np.isfinite(ci.low):
         return ""
     if ci.low > 0 or ci.high < 0:
+        if abs(ci.estimate) < threshold:
+            return "negligible"
         up = ci.low > 0
         return "better" if up == info.higher_is_better else "worse"
     return "tie"
@@ -108,15 +119,16 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
-def _cell(value: float, ci: Interval | None, metric: str) -> str:
+def _cell(value: float, ci: Interval | None, metric: str, threshold: float = 0.0) -> str:
     out = f"<span class=\"value\">{_fmt(value)}</span>"
     if ci is None:
         return out
     if not ci.n or not np.isfinite(ci.estimate):
         return out + "<span class=\"delta\">no paired chunks</span>"
-    mark = verdict(metric, ci)
+    mark = verdict(metric, ci, threshold)
     badge = {"better": "<b class=\"win\">▲ wins</b>", "worse": "<b class=\"lose\">▼ loses</b>",
-             "tie": "<i>no clear winner</i>"}.get(mark, "")
+             "tie": "<i>no clear winner</i>",
+             "negligible": f"<i>no practical difference (|Δ| &lt; {threshold:.4g})</i>"}.get(mark, "")
     return (out + f"<span class=\"delta\" data-verdict=\"{mark}\">Δ {ci.estimate:+.4f} "
             f"[{ci.low:+.4f}, {ci.high:+.4f}] n={ci.n} {badge}</span>")
 
@@ -127,9 +139,11 @@ def _table(title: str, rows: list[tuple[str, str, set[str] | None]], evals: list
     body = []
     for label, key, group in rows:
         metric = "eval/" + key.split("/")[-1]
-        cells = [_cell(evals[0].metrics.get(key, float("nan")), None, metric)]
+        first = evals[0].metrics.get(key, float("nan"))
+        threshold = practical_threshold(metric, first, params.report)
+        cells = [_cell(first, None, metric)]
         cells += [_cell(e.metrics.get(key, float("nan")), difference(evals[0].result, e.result, metric, params, group),
-                        metric) for e in evals[1:]]
+                        metric, threshold) for e in evals[1:]]
         body.append(f"<tr><th>{html.escape(label)}</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return (f"<h2>{html.escape(title)}</h2><table data-table=\"{html.escape(title)}\"><tr><th></th>{head}</tr>"
             f"{''.join(body)}</table>")
@@ -212,7 +226,9 @@ def build_report(evals: list[ModelEval], out: Path, params: Params,
              f"<code>{html.escape(first.settings)}</code>; evaluation runs: "
              f"{', '.join(html.escape(e.eval_run_id) for e in evals)}. Differences are paired (same chunks, same "
              f"seeds) against <b>{html.escape(evals[0].ref)}</b>, with {params.promotion.confidence:.0%} bootstrap "
-             f"intervals; ▲/▼ marks a model that wins/loses when the interval excludes 0.</p>"]
+             f"intervals; ▲/▼ marks a model that wins/loses when the interval excludes 0 <i>and</i> the difference "
+             f"is at least {params.report.min_difference:g} (FAD: {params.report.min_fad_ratio:.0%} of the first "
+             f"model's; params.yaml report:), smaller ones read &ldquo;no practical difference&rdquo;.</p>"]
     parts.append(_sample_rows(evals, out))
     metrics = [m for m in HEADLINE if any(m in e.metrics for e in evals)]
     parts.append(_table("Aggregate", [(m, m, None) for m in metrics], evals, params))

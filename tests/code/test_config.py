@@ -45,6 +45,15 @@ def test_project_params_load_with_the_mission_defaults() -> None:
     (lambda r: r["musicgen"].update(crop_s=5.0), "(top level)", "musicgen.crop_s: the training crop is part of"),
     (lambda r: r["musicgen"]["condition_dropout"].update(recipe="cfg"), "musicgen.condition_dropout.recipe",
      "'joint' or 'independent'"),
+    (lambda r: r["data"].update(mixes=["/srv/songs"]), "data", "must be a folder inside the project"),
+    (lambda r: r["data"].update(mixes=["data/raw/songs"]), "data", "overlaps raw_dir"),
+    (lambda r: r["data"].update(mixes=["data/a", "data/b"]), "data.mixes", "at most 1 item"),
+    (lambda r: r["separate"].update(method="spleeter"), "separate.method", "'harmonic' or 'demucs'"),
+    (lambda r: r["separate"].update(min_quality=1.5), "separate.min_quality", "less than or equal to 1"),
+    (lambda r: r["separate"]["quality"].update(lead_db={"bad": 2, "good": 2}), "separate.quality.lead_db",
+     "bad and good must differ"),
+    (lambda r: r["separate"]["demucs"].update(overlap=1.0), "separate.demucs.overlap", "less than 1"),
+    (lambda r: r["report"].update(min_difference=-0.1), "report.min_difference", "greater than or equal to 0"),
 ])
 def test_bad_values_name_the_key_and_the_reason(tmp_path: Path, mutate, key, reason) -> None:
     path = write(tmp_path, mutate)

@@ -107,11 +107,11 @@ def test_prefect_yaml_clones_the_code_and_points_at_real_flows_and_pools() -> No
     steps = [next(iter(s)) for s in spec["pull"]]
     assert steps == ["prefect.deployments.steps.git_clone", "prefect.deployments.steps.set_working_directory"]
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert {"retrain-scheduled", "retrain-manual", "data-watch", "prepare-data", "finetune", "evaluate",
+    assert {"retrain-scheduled", "retrain-manual", "data-watch", "prepare-data", "separate", "finetune", "evaluate",
             "promote"} <= set(deployments)
     assert deployments["retrain-scheduled"]["schedules"][0]["cron"]
     assert "interval" in deployments["data-watch"]["schedules"][0]
-    for name in ("finetune", "evaluate"):
+    for name in ("separate", "finetune", "evaluate"):
         assert deployments[name]["work_pool"]["name"] == "gpu-a40"
         assert deployments[name]["work_pool"]["job_variables"]["gpu_count"] == 1
     for d in deployments.values():

@@ -206,3 +206,28 @@ def test_loop_and_cut():
     assert kicks == [float(b) for b in range(32)]
     snares = [t for k, t in render.drum_hits(looped, render.STYLES["pop"].drums) if k == render.SNARE]
     assert snares == [0.0] + [float(b) for b in range(2, 32, 2)]
+
+
+def test_demo_as_finished_songs_keeps_the_stems_they_are_the_sum_of(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    import yaml
+    from tests.conftest import ROOT
+    from v2m.audio import read_mono
+    from v2m.cli import app
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"]["demo"].update(SMALL.model_dump(include={"n_artists", "styles_per_chorale", "min_duration_s",
+                                                         "max_duration_s", "sample_rate"}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "mixes"
+    res = CliRunner().invoke(app, ["data", "demo", "--mixes", "--out", str(out), "--n-tracks", "2",
+                                   "--params", str(tmp_path / "params.yaml")])
+    assert res.exit_code == 0, res.output
+    assert f"2 mixes in {out} (true stems in {out / 'stems'})" in res.output
+    ids = [r["track_id"] for r in read_csv(out / "metadata.csv")]
+    assert ids == ["demo_0001", "demo_0002"] and (out / "stems" / "DATASET_CARD.md").is_file()
+    for tid in ids:
+        mix, sr = read_mono(out / f"{tid}.wav")
+        (vocal, _), (inst, _) = (read_mono(out / "stems" / tid / f"{s}.wav") for s in ("vocals", "instrumental"))
+        assert sr == SMALL.sample_rate and np.abs(mix - vocal - inst).max() < 2e-4  # 16-bit rounding only
+        assert np.abs(mix).max() < 0.9  # never clipped: scaled with its stems when the sum would

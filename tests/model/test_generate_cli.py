@@ -43,6 +43,22 @@ def test_three_modes_write_audio_of_the_requested_length(model_dir: Path, tmp_pa
     assert sr == 32000 and len(audio) == 48000 and np.isfinite(audio).all()
 
 
+def test_without_a_duration_the_instrumental_is_as_long_as_the_vocal(model_dir: Path, tmp_path: Path) -> None:
+    sf.write(tmp_path / "v.wav", 0.3 * np.sin(np.arange(int(22050 * 1.3)) / 22050 * 2 * np.pi * 330), 22050)
+    res = gen(model_dir, "--vocal", str(tmp_path / "v.wav"), "-o", str(tmp_path / "out.wav"))
+    assert res.exit_code == 0, res.output
+    audio, sr = sf.read(tmp_path / "out.wav")
+    assert sr == 32000 and abs(len(audio) - 1.3 * sr) <= sr * 0.02  # 1.3 s, like the vocal (within a frame)
+    # text only: serve.default_duration_s, as `v2m serve` does
+    assert load_params(ROOT / "params.yaml").serve.default_duration_s == 10.0
+    short = tmp_path / "params.yaml"
+    short.write_text((ROOT / "params.yaml").read_text().replace("default_duration_s: 10.0", "default_duration_s: 0.7"))
+    res = runner.invoke(app, ["generate", "--checkpoint", str(model_dir), "--params", str(short), "--prompt", "pop",
+                              "-o", str(tmp_path / "text.wav")])
+    assert res.exit_code == 0, res.output
+    assert abs(len(sf.read(tmp_path / "text.wav")[0]) - 0.7 * 32000) <= 32000 * 0.02
+
+
 def test_bad_vocals_give_a_clear_error_naming_the_file(model_dir: Path, tmp_path: Path) -> None:
     cases = {}
     (tmp_path / "garbage.wav").write_bytes(b"RIFF....WAVEnot audio at all" * 20)

@@ -59,6 +59,8 @@ def test_report_renders_in_chromium_with_working_audio_and_mlflow_numbers(root: 
         page.on("requestfailed", lambda r: errors.append(f"failed: {r.url}"))
         page.goto(served(index.parent) + "/index.html", wait_until="networkidle")
 
+        intro = page.locator("p").first.text_content()  # the practical threshold is stated, from params
+        assert f"at least {p.report.min_difference:g}" in intro and "no practical difference" in intro
         sources = page.eval_on_selector_all("audio", "els => els.map(e => e.getAttribute('src'))")
         # per test vocal: the vocal, then ground truth and each model as (mixed with the vocal, alone)
         rows = page.locator("table[data-table='Per test vocal'] tr.sample")
@@ -90,7 +92,7 @@ def test_report_renders_in_chromium_with_working_audio_and_mlflow_numbers(root: 
             delta = row.locator("td .delta").first
             n = len(evals[0].result.rows)
             assert f"n={n}" in delta.text_content() and delta.get_attribute("data-verdict") in (
-                "better", "worse", "tie")
+                "better", "worse", "tie", "negligible")
             diff = float(delta.text_content().split()[1])
             if metric != "eval/fad":  # a mean of paired differences is the difference of the means
                 want = mlflow.get_run(evals[1].eval_run_id).data.metrics[metric] - mlflow.get_run(
