@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.cancel import Cancelled
-from models.longform import Request, generate_batch
+from models.longform import Request, generate_batch_raw
 from tasks.serving.holder import ModelHolder
 from tasks.serving.metrics import Metrics
 from v2m.config_serve import GenerateConfig
@@ -42,6 +42,7 @@ class Result:
     sample_rate: int
     model: str
     seconds: float  # time spent generating (the batch's), for the real-time factor
+    raw: np.ndarray | None = None  # before peak normalisation: what online sanity reads
 
 
 class Batcher:
@@ -100,11 +101,11 @@ class Batcher:
         for group in _same_duration(live):
             try:
                 start = time.perf_counter()
-                audio = generate_batch(served.backend, [r for r, _ in group], self.gen)
+                outputs = generate_batch_raw(served.backend, [r for r, _ in group], self.gen)
                 took = time.perf_counter() - start
                 self.metrics.batch_size.observe(len(group))
-                for (_, fut), a in zip(group, audio):
-                    fut.set_result(Result(a, served.backend.sample_rate, served.label, took))
+                for (_, fut), g in zip(group, outputs):
+                    fut.set_result(Result(g.audio, served.backend.sample_rate, served.label, took, g.raw))
             except Cancelled as exc:  # every client of this group left: nobody to answer
                 log.info("stopped a batch of %d: %s", len(group), exc)
                 self.metrics.cancelled.labels(stage="running").inc(len(group))

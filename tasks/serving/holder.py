@@ -47,6 +47,7 @@ class ModelHolder:
         self.error: str | None = None       # the last load or lookup failure, until a load succeeds
         self.failed: tuple[str, float] | None = None  # (label, when) of the version that failed to load
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
@@ -86,6 +87,10 @@ class ModelHolder:
             self.failed = (label, time.monotonic())
         self._on_change(self)
 
+    def poke(self) -> None:
+        """Look the REF up now instead of at the next poll (after this process moved the alias itself)."""
+        self._wake.set()
+
     def start(self) -> None:
         """Load in the background (the server answers /healthz at once) and then follow the REF."""
         def run() -> None:
@@ -93,11 +98,13 @@ class ModelHolder:
                 self.refresh()
                 if not self.poll_s and self.current is not None:
                     return
-                self._stop.wait(self.poll_s or 5.0)
+                self._wake.wait(self.poll_s or 5.0)
+                self._wake.clear()
         self._thread = threading.Thread(target=run, name="v2m-model-holder", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
