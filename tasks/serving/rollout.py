@@ -1,12 +1,14 @@
 """Traffic between the champion and a challenger (params serve.rollout), and what a failed bound does.
 
     off      every request goes to the champion; outputs are still scored (online.py) and auto_rollback may act
-    shadow   after the champion answered, a sampled share of requests (`share`) is queued for the challenger with
-             the same vocal, prompt and seed; the two outputs are scored as a pair and the challenger's is never
-             returned. The client's slot is already free and its response already built: the shadow only costs
-             what is left of the machine. Its queue holds max_shadow_pending; a shadow is dropped when the queue is
-             full or the champion's queue is at least half full, and stopped mid-generation (its CancelToken) when
-             the champion's queue is full. One client adds at most max_pairs_per_client pairs a day.
+    shadow   once the champion's result is ready, a sampled share of requests (`share`) is queued for the
+             challenger with the same vocal, prompt and seed; the two outputs are scored as a pair and the
+             challenger's is never returned. A shadow holds no client slot and runs only in idle moments: it waits
+             until no client's request is queued, takes the process's generation gate (batcher.GenerationGate:
+             one generation at a time), and stops at its next step when a client's generation arrives (it tries
+             again later, for at most serve.timeout_s). Its queue holds max_shadow_pending; a shadow is dropped
+             when the queue is full or the champion's queue is at least half full. One client adds at most
+             max_pairs_per_client pairs a day.
     canary   a share of clients is answered by the challenger (X-V2M-Variant: challenger), sticky by client id
              (guard.client_id: the API key's name, else the connecting address) through a keyed hash: HMAC-SHA256
              with V2M_ROLLOUT_KEY (shared by replicas, so a client keeps its variant across them), else a key drawn
@@ -33,7 +35,7 @@ from pathlib import Path
 
 from models.cancel import Cancelled, CancelToken
 from models.longform import Request, generate_batch_raw
-from tasks.serving.batcher import Batcher, Result
+from tasks.serving.batcher import GENERATION, Batcher, Result
 from tasks.serving.holder import ModelHolder
 from tasks.serving.metrics import Metrics
 from tasks.serving.keep import Keeper
@@ -46,6 +48,7 @@ log = logging.getLogger("v2m.serve")
 KEY_ENV = "V2M_ROLLOUT_KEY"  # the canary's hash key; replicas that share it agree on every client's variant
 MIN_KEY_CHARS = 16
 MAX_CLIENTS_TRACKED = 100_000  # per day, for the shadow cap per client (then the count starts over)
+IDLE_POLL_S = 0.05  # how often a waiting shadow looks for an idle moment
 
 
 class RolloutKeyError(UserError, ValueError):
@@ -68,17 +71,13 @@ def in_canary(key: bytes, client: str, share: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
-class LoadToken(CancelToken):
-    """A shadow's cancel token: it also reads as cancelled while the champion's queue is full, so a shadow
-    generation stops at its next step (models/cancel.py) when clients need the machine."""
-
-    def __init__(self, overloaded) -> None:
-        super().__init__()
-        self._overloaded = overloaded
+class YieldToken(CancelToken):
+    """A shadow's cancel token: it reads as cancelled as soon as a client's generation waits for the gate, so the
+    shadow stops at its next decoding or diffusion step (models/cancel.py) and tries again later."""
 
     @property
     def cancelled(self) -> bool:
-        return super().cancelled or self._overloaded()
+        return super().cancelled or GENERATION.wanted()
 
 
 class Rollout:
@@ -100,6 +99,7 @@ class Rollout:
         self._day_key = secrets.token_bytes(32)  # pseudonyms for the per-client cap, never written anywhere
         self._rng = secrets.SystemRandom()
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self.keeper = Keeper(self.cfg, self.root) if self.cfg.keep_audio else None
         self.recorder = Recorder(params, self.root, self.online.ledger, metrics) if record else None
 
@@ -117,6 +117,7 @@ class Rollout:
             self.recorder.start()
 
     def stop(self) -> None:
+        self._stopping.set()
         if self.challenger_batcher is not None:
             self.challenger_batcher.stop()
         if self.shadow is not None:
@@ -137,9 +138,6 @@ class Rollout:
     def loaded(self) -> bool:
         """The champion's queue is at least half full: background work steps aside."""
         return self.batcher.pending >= max(1, self.batcher.max_pending // 2)
-
-    def overloaded(self) -> bool:
-        return self.batcher.pending >= self.batcher.max_pending
 
     # --- routing --------------------------------------------------------------------------------------------
     def canary_label(self) -> str | None:
@@ -195,27 +193,41 @@ class Rollout:
                 self._mirrored, self._mirrored_day, self._day_key = {}, utc_day(), secrets.token_bytes(32)
             return hmac.new(self._day_key, client.encode(), hashlib.sha256).hexdigest()[:16]
 
+    def busy(self) -> bool:
+        """A client's request is queued or generating (any variant)."""
+        return bool(self.batcher.pending or (self.challenger_batcher and self.challenger_batcher.pending))
+
     def _shadow_job(self, req: Request, champion: Result) -> None:
+        """Generate the challenger's output for a champion-answered request, in the machine's idle moments: wait
+        until no client's request is queued, take the generation gate, and start over when a client's
+        generation arrives meanwhile (YieldToken); give up after serve.timeout_s."""
         count = self.metrics.online_shadow.labels
-        served = self.challenger.current
-        if served is None:
-            count(outcome="no_challenger").inc()
-            return
-        if self.loaded():  # the queue filled up while this shadow waited
-            count(outcome="dropped_load").inc()
-            return
-        start = time.perf_counter()
-        try:
-            g = generate_batch_raw(served.backend, [replace(req, cancel=LoadToken(self.overloaded))],
-                                   self.params.generate)[0]
-        except Cancelled:
-            count(outcome="stopped").inc()
-            return
-        except Exception:
-            log.exception("shadow generation failed on %s", served.label)
-            count(outcome="failed").inc()
-            return
-        took = time.perf_counter() - start
+        deadline = time.monotonic() + self.params.serve.timeout_s
+        while True:
+            served = self.challenger.current
+            if served is None:
+                count(outcome="no_challenger").inc()
+                return
+            if time.monotonic() > deadline or self._stopping.is_set():
+                count(outcome="expired").inc()
+                return
+            if self.busy() or not GENERATION.try_background():
+                self._stopping.wait(IDLE_POLL_S)
+                continue
+            try:
+                start = time.perf_counter()
+                g = generate_batch_raw(served.backend, [replace(req, cancel=YieldToken())], self.params.generate)[0]
+                took = time.perf_counter() - start
+            except Cancelled:
+                count(outcome="yielded").inc()  # a client came first; this shadow tries again when it is idle
+                continue
+            except Exception:
+                log.exception("shadow generation failed on %s", served.label)
+                count(outcome="failed").inc()
+                return
+            finally:
+                GENERATION.release()
+            break
         shadow = Result(g.audio, served.backend.sample_rate, served.label, took, g.raw)
         self.online.served("shadow", shadow, req.duration_s, took)
         pair = self.online.pair(req, champion, shadow)
