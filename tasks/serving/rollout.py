@@ -184,6 +184,7 @@ class Rollout:
             return False
         with self._lock:
             self._mirrored[pseudonym] = self._mirrored.get(pseudonym, 0) + 1
+        count(outcome="queued").inc()  # then done, expired or failed (yielded: each time it gave way)
         return True
 
     def _pseudonym(self, client: str) -> str:
