@@ -7,17 +7,20 @@ where a batch of 4 costs little more than one request.
 
 Shadow: the champion's p95 latency with serve.rollout.mode shadow at share 0.2 (a second tiny version as the
 challenger) against mode off, at concurrency C, each setting run --repeats times, interleaved (the machine is
-shared: its load average is printed), the ratio of the median p95s printed last; plus what the shadow got done
-(pairs during the load, and once idle).
+shared: its load average is printed), the ratio of the median p95s printed; plus what the shadow got done
+(pairs during the load, and once idle). Twice: saturated (each client sends its next request at once: the shadow
+gives way and runs after the load), and with --think seconds between a client's requests (idle gaps: the
+shadow runs, and gives way, during the measurement).
 
     python bench/serve.py [--backend musicgen|audioldm] [--requests 40] [--concurrency 4] [--duration 1.0]
-                          [--shadow-only] [--repeats 2]
+                          [--shadow-only] [--repeats 2] [--think 1.0]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import random
 import statistics
 import sys
 import tempfile
@@ -36,7 +39,9 @@ from v2m.s3server import free_port  # noqa: E402
 
 
 def run(root: Path, backend: str, max_batch: int, n: int, concurrency: int, duration: float,
-        rollout: dict | None = None) -> dict[str, float]:
+        rollout: dict | None = None, think: float = 0.0) -> dict[str, float]:
+    """n requests at `concurrency`; each client pauses a random `think` s on average (exponential) after each
+    answer (0: the next request at once, a saturated server)."""
     write_params(root, backend=backend, poll_s=0.0, max_batch=max_batch, batch_window_ms=30.0,
                  max_pending=max(16, concurrency), **({"rollout": rollout} if rollout else {}))
     port, log = free_port(), root / f"serve-{max_batch}.log"
@@ -47,12 +52,18 @@ def run(root: Path, backend: str, max_batch: int, n: int, concurrency: int, dura
     try:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, proc, log)
+        while rollout and rollout["mode"] != "off" and httpx.get(base + "/readyz").json()["rollout"]["challenger"] \
+                is None:  # its load and conditioning check must not overlap the measurement
+            time.sleep(0.3)
         with httpx.Client(base_url=base, timeout=600) as client:
             def one(i: int) -> tuple[int, float]:
                 start = time.perf_counter()
                 r = client.post("/v1/generate", files={"vocal": ("v.wav", vocal)},
                                 data={"prompt": "Pop music for input vocals", "duration": str(duration), "seed": str(i)})
-                return r.status_code, time.perf_counter() - start
+                took = time.perf_counter() - start
+                if think:
+                    time.sleep(random.Random(i).expovariate(1 / think))
+                return r.status_code, took
             one(0)  # warm-up
             start = time.perf_counter()
             with ThreadPoolExecutor(concurrency) as pool:
@@ -87,17 +98,18 @@ def shadow_outcomes(client: httpx.Client) -> dict[str, float]:
     return out
 
 
-def shadow_cost(root: Path, backend: str, n: int, concurrency: int, duration: float, repeats: int) -> None:
+def shadow_cost(root: Path, backend: str, n: int, concurrency: int, duration: float, repeats: int,
+                think: float) -> None:
     """The champion's p95 with a shadow at share 0.2 against none, interleaved runs; prints the ratio."""
     import os
-    register_tiny(root, seed=2, backend=backend)  # the newest version: the challenger alias
     shadow = {"mode": "shadow", "share": 0.2}
     load = os.getloadavg()
     rows: dict[str, list[dict]] = {"off": [], "shadow 0.2": []}
     for _ in range(repeats):
-        rows["off"].append(run(root, backend, 4, n, concurrency, duration, {"mode": "off"}))
-        rows["shadow 0.2"].append(run(root, backend, 4, n, concurrency, duration, shadow))
-    print(f"\nshadow cost: {n} requests of {duration:g} s at concurrency {concurrency}, max_batch 4, tiny {backend}, "
+        rows["off"].append(run(root, backend, 4, n, concurrency, duration, {"mode": "off"}, think))
+        rows["shadow 0.2"].append(run(root, backend, 4, n, concurrency, duration, shadow, think))
+    print(f"\nshadow cost: {n} requests of {duration:g} s at concurrency {concurrency}, "
+          f"{f'{think:g} s think time' if think else 'no think time (saturated)'}, max_batch 4, tiny {backend}, "
           f"{os.cpu_count()} CPUs; load average {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"{'rollout':>10} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'failed':>6}  shadow outcomes during load / once idle")
     for name, runs in rows.items():
@@ -119,6 +131,8 @@ def main() -> None:
     ap.add_argument("--backend", choices=["musicgen", "audioldm"], default="musicgen")
     ap.add_argument("--shadow-only", action="store_true", help="only the shadow's cost")
     ap.add_argument("--repeats", type=int, default=2, help="runs per shadow setting, interleaved")
+    ap.add_argument("--think", type=float, default=1.0, help="also measure with clients pausing this long on "
+                    "average between requests (idle gaps: the shadow runs during the measurement); 0 = skip")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -133,7 +147,9 @@ def main() -> None:
                 print(f"{b:>9} {r['rps']:>7.2f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['failed']:>6}")
             print(f"batching: {rows[4]['rps'] / rows[1]['rps']:.2f}x requests/s, "
                   f"p95 {rows[4]['p95'] / rows[1]['p95']:.2f}x")
-        shadow_cost(root, args.backend, args.requests, args.concurrency, args.duration, args.repeats)
+        register_tiny(root, seed=2, backend=args.backend)  # the newest version: the challenger alias
+        for think in sorted({0.0, args.think}):
+            shadow_cost(root, args.backend, args.requests, args.concurrency, args.duration, args.repeats, think)
 
 
 if __name__ == "__main__":

@@ -97,12 +97,17 @@ class Batcher:
         self.max_pending, self.window_s, self.max_batch = max_pending, window_s, max_batch
         self._queue: queue.Queue[tuple[Request, Future] | None] = queue.Queue()
         self._pending = 0
+        self._idle_since = time.monotonic()  # when the last request left (pending went to 0)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @property
     def pending(self) -> int:
         return self._pending
+
+    def idle_for(self) -> float:
+        """Seconds since the last request left, 0 while any is queued or running (background work's cue)."""
+        return 0.0 if self._pending else time.monotonic() - self._idle_since
 
     def submit(self, req: Request) -> Future:
         if not self.holder.ready:
@@ -121,6 +126,8 @@ class Batcher:
         with self._lock:
             self._pending -= n
             self.metrics.queue_depth.set(self._pending)
+            if self._pending == 0:
+                self._idle_since = time.monotonic()
 
     def _collect(self, first: tuple[Request, Future]) -> list[tuple[Request, Future]]:
         """The first job plus whatever else arrives within the batch window (up to max_batch)."""

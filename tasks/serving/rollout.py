@@ -3,10 +3,10 @@
     off      every request goes to the champion; outputs are still scored (online.py) and auto_rollback may act
     shadow   once the champion's result is ready, a sampled share of requests (`share`) is queued for the
              challenger with the same vocal, prompt and seed; the two outputs are scored as a pair and the
-             challenger's is never returned. A shadow holds no client slot and runs only in idle moments: it waits
-             until no client's request is queued, takes the process's generation gate (batcher.GenerationGate:
-             one generation at a time), and stops at its next step when a client's generation arrives (it tries
-             again later, for at most serve.timeout_s). Its queue holds max_shadow_pending; a shadow is dropped
+             challenger's is never returned. A shadow holds no client slot and runs only in idle moments: it
+             waits until no client's request has been queued for SHADOW_IDLE_S, takes the process's generation
+             gate (batcher.GenerationGate: one generation at a time), and stops at its next step when a client's
+             generation arrives (it tries again later, for at most serve.timeout_s). Its queue holds max_shadow_pending; a shadow is dropped
              when the queue is full or the champion's queue is at least half full. One client adds at most
              max_pairs_per_client pairs a day.
     canary   a share of clients is answered by the challenger (X-V2M-Variant: challenger), sticky by client id
@@ -48,7 +48,8 @@ log = logging.getLogger("v2m.serve")
 KEY_ENV = "V2M_ROLLOUT_KEY"  # the canary's hash key; replicas that share it agree on every client's variant
 MIN_KEY_CHARS = 16
 MAX_CLIENTS_TRACKED = 100_000  # per day, for the shadow cap per client (then the count starts over)
-IDLE_POLL_S = 0.05  # how often a waiting shadow looks for an idle moment
+IDLE_POLL_S = 0.05  # how often a waiting shadow looks for an idle moment ...
+SHADOW_IDLE_S = 0.25  # ... and how long the server must have been idle for it to start
 
 
 class RolloutKeyError(UserError, ValueError):
@@ -194,14 +195,16 @@ class Rollout:
                 self._mirrored, self._mirrored_day, self._day_key = {}, utc_day(), secrets.token_bytes(32)
             return hmac.new(self._day_key, client.encode(), hashlib.sha256).hexdigest()[:16]
 
-    def busy(self) -> bool:
-        """A client's request is queued or generating (any variant)."""
-        return bool(self.batcher.pending or (self.challenger_batcher and self.challenger_batcher.pending))
+    def idle(self) -> bool:
+        """No client's request queued or generating (any variant) for SHADOW_IDLE_S: a gap between requests of
+        a busy server is shorter (clients send the next one at once), so a shadow does not start in it only to
+        give way a moment later (what it computed before its first decoding step would be lost)."""
+        return min(b.idle_for() for b in (self.batcher, self.challenger_batcher) if b is not None) >= SHADOW_IDLE_S
 
     def _shadow_job(self, req: Request, champion: Result) -> None:
         """Generate the challenger's output for a champion-answered request, in the machine's idle moments: wait
-        until no client's request is queued, take the generation gate, and start over when a client's
-        generation arrives meanwhile (YieldToken); give up after serve.timeout_s."""
+        until no client's request has been queued for SHADOW_IDLE_S, take the generation gate, and start over when
+        a client's generation arrives meanwhile (YieldToken); give up after serve.timeout_s."""
         count = self.metrics.online_shadow.labels
         deadline = time.monotonic() + self.params.serve.timeout_s
         while True:
@@ -212,7 +215,7 @@ class Rollout:
             if time.monotonic() > deadline or self._stopping.is_set():
                 count(outcome="expired").inc()
                 return
-            if self.busy() or not GENERATION.try_background():
+            if not self.idle() or not GENERATION.try_background():
                 self._stopping.wait(IDLE_POLL_S)
                 continue
             try:

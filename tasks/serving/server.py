@@ -10,7 +10,7 @@ from pathlib import Path
 from tasks.serving.access import (api_keys, check_exposure, check_registry_access, check_rollout_access,
                                   rollout_permissions)
 from tasks.serving.app import Service, create_app
-from tasks.serving.batcher import Batcher
+from tasks.serving.batcher import GENERATION, Batcher
 from tasks.serving.guard import deadlined
 from tasks.serving.holder import ModelHolder
 from tasks.serving.metrics import Metrics
@@ -49,7 +49,9 @@ def build_service(params: Params, root: Path, ref: str | None = None, record: bo
     # the failure shows in /readyz's load_error, and whatever served before keeps serving. The challenger too.
     def load(label: str):
         with LOADING:
-            return require_conditioning(resolve_model(label, device=device))
+            backend = resolve_model(label, device=device)
+        with GENERATION.serving():  # the probe samples too: not beside a request's generation (batcher.py)
+            return require_conditioning(backend)
 
     holder = ModelHolder(ref or default_ref(params), load, cfg.poll_s, on_change)
     batcher = Batcher(holder, params.generate, metrics, cfg.max_pending, cfg.batch_window_ms / 1000, cfg.max_batch)

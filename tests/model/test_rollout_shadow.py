@@ -53,8 +53,9 @@ def generate(base: str, duration: float, seed: int, addr: str = "127.0.0.1") -> 
 
 def test_a_clients_next_request_neither_waits_for_the_shadow_nor_is_refused_for_it(shadowed) -> None:
     base = shadowed
-    long_status, long_s = generate(base, 4.0, seed=1)  # its shadow: another 4 s of audio to generate
+    long_status, long_s = generate(base, 4.0, seed=1)  # its shadow: another 4 s of audio to generate ...
     assert long_status == 200
+    time.sleep(0.5)  # ... which starts once the server has been idle a moment
     # max_per_client is 1: had the shadow held the client's slot, this would be a 429
     quick = [generate(base, 0.3, seed=2 + k) for k in range(3)]
     assert [s for s, _ in quick] == [200] * 3
