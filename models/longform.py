@@ -82,16 +82,30 @@ def generate_long(backend: Backend, req: Request, cfg: GenerateConfig, guidance_
     return generate_batch(backend, [req], cfg, guidance_scale, steps)[0]
 
 
+@dataclass(frozen=True)
+class Generated:
+    """One instrumental: what users get (peak-normalised) and the model's raw output, which sanity checks read
+    (normalisation hides clipping and lifts quiet output)."""
+    audio: np.ndarray
+    raw: np.ndarray
+
+
 def generate_batch(backend: Backend, reqs: list[Request], cfg: GenerateConfig, guidance_scale: float | None = None,
                    steps: int | None = None) -> list[np.ndarray]:
     """Several instrumentals; requests of the same duration run as one model batch. AudioLDM items keep their
     own seeds (their starting noise); MusicGen's sampling draws from one stream seeded by the batch's first
     request, so a MusicGen output reproduces from its seed only when it ran alone (serve.max_batch 1)."""
+    return [g.audio for g in generate_batch_raw(backend, reqs, cfg, guidance_scale, steps)]
+
+
+def generate_batch_raw(backend: Backend, reqs: list[Request], cfg: GenerateConfig,
+                       guidance_scale: float | None = None, steps: int | None = None) -> list[Generated]:
+    """generate_batch, with each output's raw form beside it."""
     for r in reqs:
         check_length(r.duration_s, cfg)
         if r.vocal is None and not r.prompt:
             raise ValueError("generate needs a vocal, a prompt, or both")
-    out: list[np.ndarray | None] = [None] * len(reqs)
+    out: list[Generated | None] = [None] * len(reqs)
     groups: dict[float, list[int]] = {}
     for i, r in enumerate(reqs):
         groups.setdefault(r.duration_s, []).append(i)
@@ -116,7 +130,7 @@ def _check(stop: StopCheck) -> None:
 
 
 def _continued(backend, reqs: list[Request], win: WindowConfig, guidance_scale: float | None,
-               stop: StopCheck) -> list[np.ndarray]:
+               stop: StopCheck) -> list[Generated]:
     """MusicGen extend-stride over a batch of requests of one duration."""
     sr, hop = backend.sample_rate, backend.codec_hop
     n_samples = round(reqs[0].duration_s * sr)
@@ -139,7 +153,8 @@ def _continued(backend, reqs: list[Request], win: WindowConfig, guidance_scale: 
     audio = []
     for c in codes:
         wav = backend.decode_codes(c)[:n_samples]
-        audio.append(peak_normalize(np.pad(wav, (0, n_samples - len(wav)))))
+        raw = np.pad(wav, (0, n_samples - len(wav)))
+        audio.append(Generated(peak_normalize(raw), raw))
     return audio
 
 
@@ -150,7 +165,7 @@ def equal_power(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _crossfaded(backend, reqs: list[Request], win: WindowConfig, guidance_scale: float | None,
-                steps: int | None, stop: StopCheck) -> list[np.ndarray]:
+                steps: int | None, stop: StopCheck) -> list[Generated]:
     """AudioLDM over a batch of requests of one duration: independent windows on each vocal's matching span
     (seed + k for window k), each peak-normalised as generate() does, joined by equal-power crossfades."""
     sr, duration = backend.sample_rate, reqs[0].duration_s
@@ -158,6 +173,7 @@ def _crossfaded(backend, reqs: list[Request], win: WindowConfig, guidance_scale:
     vocals = [None if r.vocal is None else resample(to_mono(np.asarray(r.vocal, np.float32)), r.vocal_sr, VOCAL_SR)
               for r in reqs]  # one rate for the whole batch
     outs = [np.zeros(n_samples, np.float32) for _ in reqs]
+    raws = [np.zeros(n_samples, np.float32) for _ in reqs]  # the same crossfades over the windows as generated
     fade = round((win.window_s - win.stride_s) * sr)
     for k, start in enumerate(window_starts(duration, win)):
         _check(stop)
@@ -171,10 +187,10 @@ def _crossfaded(backend, reqs: list[Request], win: WindowConfig, guidance_scale:
         audio = backend.synthesize_batch(parts, VOCAL_SR, [r.prompt for r in reqs], end - start,
                                          [r.seed + k for r in reqs], guidance_scale, steps, stop=stop)
         a = round(start * sr)
-        for out, window in zip(outs, audio):
-            window = peak_normalize(window)[: n_samples - a]
-            m = min(fade, len(window)) if k else 0
-            fade_out, fade_in = equal_power(m)
-            out[a: a + m] = out[a: a + m] * fade_out + window[:m] * fade_in
-            out[a + m: a + len(window)] = window[m:]
-    return [peak_normalize(out) for out in outs]
+        for out, raw, window in zip(outs, raws, audio):
+            for dest, w in ((out, peak_normalize(window)[: n_samples - a]), (raw, np.asarray(window)[: n_samples - a])):
+                m = min(fade, len(w)) if k else 0
+                fade_out, fade_in = equal_power(m)
+                dest[a: a + m] = dest[a: a + m] * fade_out + w[:m] * fade_in
+                dest[a + m: a + len(w)] = w[m:]
+    return [Generated(peak_normalize(out), raw) for out, raw in zip(outs, raws)]

@@ -447,6 +447,28 @@ def rollback_cmd(backend: BackendOpt, params: ParamsOpt = DEFAULT_PARAMS) -> Non
     console.print(f"champion: v{current} -> v{previous}")
 
 
+rollout_app = typer.Typer(help="Evidence from production: `v2m serve`'s shadow pairs and online metrics.",
+                          no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
+
+
+@rollout_app.command("status")
+def rollout_status(backend: BackendOpt, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Challenger - champion on the shadow pairs so far: each difference as `estimate [low, high] n=N`, and the
+    online_evidence gate's verdict."""
+    from tasks.serving.evidence import status
+    from v2m.tracking import setup_mlflow
+    p = params_or_fail(params)
+    setup_mlflow(p, Path.cwd())
+    with user_errors():
+        st = status(p, Path.cwd(), backend)
+    typer.echo(f"challenger {st.challenger} - champion {st.champion}: {st.pairs} shadow pairs "
+               f"({p.promotion.confidence:.0%} bootstrap intervals)")
+    for metric, ci in st.intervals.items():
+        typer.echo(f"  {metric}: {ci.estimate:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}] n={ci.n}")
+    typer.echo(f"  {st.gate.line()}")
+
+
 @app.command("compare")
 def compare_cmd(models: Annotated[list[str], typer.Argument(help="Two or more: NAME@alias, NAME/version, runs:/ID, base:<backend>.")],
                 params: ParamsOpt = DEFAULT_PARAMS) -> None:

@@ -18,7 +18,7 @@ from v2m.config_listening import HumanPreferenceConfig, ListeningConfig
 from v2m.errors import UserError
 from v2m.config_musicgen import MusicGenConfig
 from v2m.config_separate import SeparateConfig
-from v2m.config_serve import GenerateConfig, ServeConfig
+from v2m.config_serve import GenerateConfig, OnlineEvidenceConfig, ServeConfig
 from v2m.config_train import TrainConfig, TrainSection, resolve_train
 
 __all__ = ["ConfigError", "Params", "TrainConfig", "load_params"]
@@ -193,6 +193,7 @@ class PromotionConfig(Strict):
                                    "eval/sanity_pass"]
     manual_approval: bool = False
     human_preference: HumanPreferenceConfig = HumanPreferenceConfig()  # the blind listening test's gate
+    online_evidence: OnlineEvidenceConfig = OnlineEvidenceConfig()  # shadow pairs from `v2m serve`
 
 
 class ReportConfig(Strict):

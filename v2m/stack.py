@@ -37,7 +37,9 @@ S3_ROLES = {"mlflow": {"v2m-mlflow": "rw"},
             "cpu": {"v2m-dvc": "rw", "v2m-results": "rw"},
             "gpu": {"v2m-dvc": "r", "v2m-checkpoints": "rw", "v2m-results": "rw"}}
 POOL_ROLE = {"cpu": "cpu", "gpu-a40": "gpu"}
-MLFLOW_USERS = ("admin", "cpu", "gpu", "serve")  # serve: read-only (MLflow's default permission, READ)
+# serve: read-only (MLflow's default permission, READ); rollout / rollback: serve with serve.rollout (stack_init.py)
+MLFLOW_USERS = ("admin", "cpu", "gpu", "serve", "rollout", "rollback")
+SERVE_ROLES = ("serve", "rollout", "rollback")  # MLflow alone: models and artifacts come through the server
 # What a worker must not inherit from the shell that started it: it acts as another machine.
 NOT_INHERITED = ("PYTHONPATH", "MLFLOW_", "PREFECT_", "AWS_", "V2M_", "CUDA_VISIBLE_DEVICES")
 
@@ -91,15 +93,15 @@ class Stack:
 
     def client_env(self, role: str = "cpu") -> dict[str, str]:
         """The environment a client of host role `cpu` or `gpu` (CLI, worker, flow run) needs to use the stack:
-        the service URLs and that role's credentials (`admin` gets the operator's S3 and MLflow keys). `serve`
-        gets MLflow alone: it reads models through the MLflow server (artifacts are proxied), nothing else."""
+        the service URLs and that role's credentials (`admin` gets the operator's S3 and MLflow keys). The serve roles
+        (SERVE_ROLES) get MLflow alone: they read models through the MLflow server (artifacts are proxied)."""
         st, creds = self.state(), self.credentials()
         if not st:
             return {}
         user = role if role in creds["mlflow"] else "admin"
         mlflow = {"MLFLOW_TRACKING_URI": st["mlflow_url"], "MLFLOW_TRACKING_USERNAME": user,
                   "MLFLOW_TRACKING_PASSWORD": creds["mlflow"][user]}
-        if role == "serve":
+        if role in SERVE_ROLES:
             return mlflow
         s3 = creds["s3"][role]
         return {**mlflow,

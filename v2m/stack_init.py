@@ -6,6 +6,10 @@ MLflow permissions: the basic-auth app's default permission is READ (the server'
 roles cpu and gpu get EDIT on every experiment and registered model ("*" grants), which is what they had when
 the default was EDIT. The `serve` role gets no grant: it reads models and their artifacts, and can change no
 alias, version or run (MLflow floors every grant at the default, so a READ role needs a READ default).
+Two more roles for `v2m serve` with serve.rollout (tasks/serving/access.py says why one process has one role):
+`rollout` gets EDIT on the experiment voice2music-online alone (online.* and the shadow pairs), `rollback` that
+plus EDIT on the registered models and the experiment voice2music-audit (auto_rollback: `v2m rollback`'s writes).
+Both experiments are created here, by the admin, so that the grants have an experiment id to name.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ RESULTS_BLOCK = "remote-file-system/v2m-results"  # Prefect results of every ste
 DEFAULT_PERMISSION = "READ"
 WRITERS = ("cpu", "gpu")  # roles that log runs and register, tag and promote models
 GRANTS = ("experiment", "registered_model")  # EDIT on every one of these, for each writer
+ONLINE_EXPERIMENT, AUDIT_EXPERIMENT = "voice2music-online", "voice2music-audit"
+REGISTERED_MODELS = ("voice2music-musicgen", "voice2music-audioldm")
+# serve.rollout's roles: EDIT on exactly these (experiments by name, registered models by name)
+ROLLOUT_ROLES = {"rollout": {"experiment": [ONLINE_EXPERIMENT]},
+                 "rollback": {"experiment": [ONLINE_EXPERIMENT, AUDIT_EXPERIMENT],
+                              "registered_model": list(REGISTERED_MODELS)}}
 QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
          "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -33,17 +43,27 @@ def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords:
     automation that marks a lost host's flow runs Crashed. `env` points the Prefect CLI at the server."""
     import requests
     url, admin = env["MLFLOW_TRACKING_URI"], ("admin", mlflow_passwords["admin"])
-    for user in (*WRITERS, "serve"):
+    rollout_roles = [u for u in ROLLOUT_ROLES if u in mlflow_passwords]  # optional where deployed
+    for user in (*WRITERS, "serve", *rollout_roles):
         r = requests.post(f"{url}/api/2.0/mlflow/users/create", timeout=30,
                           json={"username": user, "password": mlflow_passwords[user]}, auth=admin)
         if r.status_code != 200 and "already exists" not in r.text.lower():
             raise RuntimeError(f"creating MLflow user {user} failed: HTTP {r.status_code}")
+
+    def grant(user: str, kind: str, resource: str) -> None:
+        r = requests.post(f"{url}/api/3.0/mlflow/users/permissions/grant", timeout=30, auth=admin, json={
+            "username": user, "resource_type": kind, "resource_id": resource, "permission": "EDIT"})
+        if r.status_code != 200 and "already exists" not in r.text.lower():
+            raise RuntimeError(f"granting MLflow user {user} EDIT on {kind} {resource} failed: HTTP {r.status_code}")
+
     for user in WRITERS:
         for kind in GRANTS:
-            r = requests.post(f"{url}/api/3.0/mlflow/users/permissions/grant", timeout=30, auth=admin, json={
-                "username": user, "resource_type": kind, "resource_id": "*", "permission": "EDIT"})
-            if r.status_code != 200 and "already exists" not in r.text.lower():
-                raise RuntimeError(f"granting MLflow user {user} EDIT on every {kind} failed: HTTP {r.status_code}")
+            grant(user, kind, "*")
+    experiments = {name: _experiment_id(url, admin, name) for name in (ONLINE_EXPERIMENT, AUDIT_EXPERIMENT)}
+    for user in rollout_roles:
+        for kind, names in ROLLOUT_ROLES[user].items():
+            for name in names:
+                grant(user, kind, experiments[name] if kind == "experiment" else name)
     prefect, env = str(Path(sys.executable).parent / "prefect"), {**env, **QUIET}
     template = Path(__file__).resolve().parents[1] / "infra" / "work-pools" / "gpu-a40-process.json"
     for cmd in ([prefect, "work-pool", "create", "gpu-a40", "--type", "process", "--base-job-template",
@@ -56,6 +76,19 @@ def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords:
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode != 0 and "delete" not in cmd and "already exists" not in res.stdout + res.stderr:
             raise RuntimeError(f"{' '.join(cmd[1:4])} failed: {res.stdout[-500:]}{res.stderr[-500:]}")
+
+
+def _experiment_id(url: str, admin: tuple[str, str], name: str) -> str:
+    """The id of experiment `name`, created (by the admin) when missing."""
+    import requests
+    r = requests.get(f"{url}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name}, auth=admin,
+                     timeout=30)
+    if r.status_code == 200:
+        return r.json()["experiment"]["experiment_id"]
+    r = requests.post(f"{url}/api/2.0/mlflow/experiments/create", json={"name": name}, auth=admin, timeout=30)
+    if r.status_code != 200:
+        raise RuntimeError(f"creating MLflow experiment {name} failed: HTTP {r.status_code}")
+    return r.json()["experiment_id"]
 
 
 def init_from_environment(gpus: int) -> None:
@@ -72,10 +105,12 @@ def init_from_environment(gpus: int) -> None:
     have = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     for bucket in set(BUCKETS) - have:
         s3.create_bucket(Bucket=bucket)
+    optional = {role: env[f"MLFLOW_{role.upper()}_PASSWORD"] for role in ROLLOUT_ROLES
+                if env.get(f"MLFLOW_{role.upper()}_PASSWORD")}  # serve.rollout's roles, where used
     init_services(env, env["AWS_ENDPOINT_URL"], gpus, {"admin": env["MLFLOW_TRACKING_PASSWORD"],
                                                        "cpu": env["MLFLOW_CPU_PASSWORD"],
                                                        "gpu": env["MLFLOW_GPU_PASSWORD"],
-                                                       "serve": env["MLFLOW_SERVE_PASSWORD"]})
+                                                       "serve": env["MLFLOW_SERVE_PASSWORD"], **optional})
 
 
 # Creates the Prefect block that stores results on S3. The endpoint is not secret; the keys are not in the

@@ -14,6 +14,9 @@ champion, tests/model/test_gates.py):
     silence                     sanity       (the raw output is silent)
     one bar looped              repetition   (the clip repeats itself exactly; harmonic_fit drops too)
 
+online_evidence (optional, promotion.online_evidence.required) judges the challenger on shadow pairs from
+`v2m serve` instead of the test set: the same paired intervals, over production requests.
+
 To add a gate (e.g. human_preference), write `def my_gate(ev: Evidence) -> GateResult` in its own module
 and append it to GATES there (`GATES.append(my_gate)`) before promotion runs. A gate that cannot decide
 yet returns status "waiting": the challenger is not promoted, and nothing is recorded as failed.
@@ -29,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from tasks.evaluation.evaluate import EvalResult
-from tasks.evaluation.paired import Interval, paired_fad_ci, paired_mean_ci
+from tasks.evaluation.paired import NAN_INTERVAL, Interval, paired_fad_ci, paired_mean_ci
 from v2m.config import PromotionConfig
+from v2m.config_serve import OnlineEvidenceConfig
 
 PASS, FAIL, WAITING = "pass", "fail", "waiting"
 
@@ -186,6 +190,26 @@ def no_group_regression(ev: Evidence) -> GateResult:
                                              f"{ev.cfg.breakdown_min_n} chunks: {gated})")
     return GateResult("no_group_regression", FAIL if lines else PASS, reason,
                       *((worst.estimate, worst.low, worst.high, worst.n) if worst else ()))
+
+
+# ---- online evidence (shadow pairs from `v2m serve`; tasks/serving/evidence.py gathers them) -------------
+def online_evidence(cfg: OnlineEvidenceConfig, diffs: dict[str, Interval]) -> GateResult:
+    """promotion.online_evidence: each gated online metric's paired difference (challenger - champion, on the
+    same production requests) needs at least `min_pairs` pairs and a lower bound >= its threshold. With fewer
+    pairs the gate waits: the challenger is neither promoted nor refused until the shadow has seen enough."""
+    name = "online_evidence"
+    gated = {m: diffs.get(m, NAN_INTERVAL) for m in cfg.thresholds}
+    short = {m: ci.n for m, ci in gated.items() if ci.n < cfg.min_pairs}
+    if short:
+        return GateResult(name, WAITING, "waiting for shadow pairs: " + ", ".join(
+            f"{m} {n} of {cfg.min_pairs}" for m, n in short.items()) + " (serve.rollout.mode shadow)",
+            n=min(short.values()))
+    margins = {m: ci.low - cfg.thresholds[m] for m, ci in gated.items()}
+    failed = [m for m, margin in margins.items() if not (_finite(gated[m].low) and margin >= 0)]
+    worst = gated[min(margins, key=lambda m: margins[m] if _finite(margins[m]) else -math.inf)]
+    reason = "; ".join(f"{m} {ci.estimate:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}] n={ci.n} lower bound >= "
+                       f"{cfg.thresholds[m]:+g}" for m, ci in gated.items())
+    return GateResult(name, FAIL if failed else PASS, reason, worst.estimate, worst.low, worst.high, worst.n)
 
 
 ABSOLUTE: list[Callable[[Evidence], GateResult]] = [complete, sanity, not_rolled_back]

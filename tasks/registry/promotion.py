@@ -144,6 +144,9 @@ def decide(params: Params, root: Path, backend: str, version: str | None = None,
     if params.promotion.human_preference.required:  # the blind listening test (tasks/listening/gate.py)
         from tasks.listening.gate import human_preference
         d.gates.append(human_preference(params, root, backend, d.version, champion))
+    if params.promotion.online_evidence.required:  # shadow pairs from `v2m serve` (tasks/serving/evidence.py)
+        from tasks.serving.evidence import online_evidence_gate
+        d.gates.append(online_evidence_gate(params, root, backend, d.version, champion))
     return d
 
 
@@ -202,13 +205,17 @@ def earlier_decision(backend: str, version: str) -> Decision | None:
                     champion_eval_run_id=tags.get("promotion.champion_eval_run_id", ""))
 
 
-def rollback(params: Params, root: Path, backend: str) -> tuple[str, str]:
-    """Restore the champion that the current one replaced; returns (from, to)."""
+def rollback(params: Params, root: Path, backend: str, expected: str | None = None,
+             reason: str = "") -> tuple[str, str]:
+    """Restore the champion that the current one replaced; returns (from, to). With `expected`, only if the
+    champion is still that version (an automatic rollback judged it: it must not roll back its successor)."""
     client, name = MlflowClient(), model_name(backend)
     with registry_lock(root, backend):
         current = alias_version(backend, CHAMPION)
         if current is None:
             raise PromotionError(f"{name}: no champion to roll back")
+        if expected is not None and current != str(expected):
+            raise PromotionError(f"{name}: the champion is v{current}, not v{expected}: nothing to roll back")
         promotions = [e for e in audit_history(params, root, backend)
                       if e["action"] in ("promote", "reinstate") and e["champion_after"] == current]
         previous = promotions[-1]["champion_before"] if promotions else "None"
@@ -216,7 +223,8 @@ def rollback(params: Params, root: Path, backend: str) -> tuple[str, str]:
             raise PromotionError(f"{name}: v{current} has no previous champion to roll back to")
         client.set_registered_model_alias(name, CHAMPION, previous)
         client.set_model_version_tag(name, current, "promotion.rolled_back", time.strftime("%Y-%m-%dT%H:%M:%SZ"))
-        audit(params, root, backend, "rollback", previous, current, previous, {"from": current, "to": previous})
+        audit(params, root, backend, "rollback", previous, current, previous,
+              {"from": current, "to": previous} | ({"reason": reason} if reason else {}))
     return current, previous
 
 

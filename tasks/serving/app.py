@@ -10,6 +10,11 @@ serve.max_upload_mb or serve.body_timeout_s while they arrive; inputs.py reads a
 header before decoding; each client has at most serve.max_per_client requests in flight; a request whose client
 hangs up (or that passes serve.timeout_s) is dropped from the queue, or stops its batch at the next step when
 it was the batch's last listener (models/cancel.py).
+
+Rollout (tasks/serving/rollout.py): the route asks who answers (the champion, or in canary mode the challenger
+for a share of clients) and says so in X-V2M-Variant; once the result is ready it hands it to online scoring
+or the shadow (queue operations only), then answers. The client's slot and deadline are the same for both
+variants; shadow work happens after the answer, in its own bounded queue.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from tasks.serving.holder import ModelHolder
 from tasks.serving.inputs import (RequestError, decode_vocal, max_upload_bytes, parse_duration, parse_prompt,
                                   parse_seed)
 from tasks.serving.metrics import Metrics
+from tasks.serving.rollout import Rollout
 from v2m.config_serve import GenerateConfig, ServeConfig
 
 MULTIPART_SLACK = 64 * 1024  # form fields and boundaries around the file
@@ -60,6 +66,7 @@ class Service:
     holder: ModelHolder
     batcher: Batcher
     metrics: Metrics
+    rollout: Rollout  # who answers (champion, canary challenger), shadow, online scores (tasks/serving/rollout.py)
     api_keys: dict[str, str] = field(default_factory=dict)  # name -> key (V2M_SERVE_API_KEYS); empty = open
     clients: ClientSlots = field(init=False)  # requests in flight per client, whichever model answers them
 
@@ -93,7 +100,7 @@ def api_router() -> APIRouter:
                              {"Retry-After": str(svc.cfg.retry_after_s)})
         else:
             try:
-                response = await _generate(svc, request, vocal, prompt, duration, seed)
+                response = await _generate(svc, request, vocal, prompt, duration, seed, client, started)
             except RequestError as exc:
                 response = error(exc.status, exc.error, exc.detail, exc.headers)
             except ClientGone:
@@ -112,7 +119,7 @@ def api_router() -> APIRouter:
 
 
 async def _generate(svc: Service, request: Request, vocal: UploadFile | None, prompt: str | None,
-                    duration: str | None, seed: str | None) -> Response:
+                    duration: str | None, seed: str | None, client: str, started: float) -> Response:
     cfg = svc.cfg
     requested = None if duration in (None, "") else parse_duration(duration, None, cfg, svc.gen)
     audio, sr = None, 0
@@ -127,22 +134,28 @@ async def _generate(svc: Service, request: Request, vocal: UploadFile | None, pr
     chosen = secrets.randbelow(2**31) if chosen is None else chosen
     retry = {"Retry-After": str(cfg.retry_after_s)}
     token = CancelToken()
+    gen_request = GenRequest(audio, sr, text, seconds, chosen, cancel=token)
+    variant, batcher = svc.rollout.route(client)
     try:
-        future = svc.batcher.submit(GenRequest(audio, sr, text, seconds, chosen, cancel=token))
+        future = batcher.submit(gen_request)
     except NotReady:
         raise RequestError(503, "not_ready", svc.holder.error or "the model is still loading", retry) from None
     except Overloaded:
-        raise RequestError(503, "overloaded", f"{svc.batcher.pending} requests are queued (params.yaml "
+        raise RequestError(503, "overloaded", f"{batcher.pending} requests are queued (params.yaml "
                                               f"serve.max_pending); try again later", retry) from None
     result = await _result(future, token, request, cfg.timeout_s)
     if result is None:
         raise RequestError(504, "timeout", f"no result within {cfg.timeout_s:g} s (params.yaml serve.timeout_s)",
                            retry)
     svc.metrics.rtf.observe(result.seconds / seconds)
+    try:  # queue operations only (scoring, the shadow); a failure there must not cost the client its answer
+        svc.rollout.served(variant, client, gen_request, result, time.perf_counter() - started)
+    except Exception:
+        log.exception("online scoring / shadow hand-off failed")
     buf = io.BytesIO()
     sf.write(buf, result.audio, result.sample_rate, format="WAV", subtype="PCM_16")
     return Response(buf.getvalue(), media_type="audio/wav",
-                    headers={"X-V2M-Model": result.model, "X-V2M-Seed": str(chosen),
+                    headers={"X-V2M-Model": result.model, "X-V2M-Seed": str(chosen), "X-V2M-Variant": variant,
                              "Content-Disposition": 'attachment; filename="instrumental.wav"'})
 
 
@@ -181,9 +194,13 @@ def ops_router() -> APIRouter:
     def readyz(request: Request) -> JSONResponse:
         svc: Service = request.app.state.service
         cur = svc.holder.current
+        ro = svc.rollout
+        challenger = ro.challenger.current.label if ro.challenger and ro.challenger.current else None
         body = {"ready": cur is not None, "model": cur.label if cur else None,
                 "backend": cur.backend.name if cur else None, "ref": svc.holder.ref,
-                "load_error": svc.holder.error, "queue_depth": svc.batcher.pending}
+                "load_error": svc.holder.error, "queue_depth": svc.batcher.pending,
+                "rollout": {"mode": ro.cfg.mode, "challenger": challenger, "canary": ro.canary_label(),
+                            "challenger_error": ro.challenger.error if ro.challenger else None}}
         return JSONResponse(body, status_code=200 if cur is not None else 503)
 
     @router.get("/metrics")
@@ -211,8 +228,10 @@ def create_app(svc: Service) -> FastAPI:
     async def lifespan(app: FastAPI):
         svc.holder.start()
         svc.batcher.start()
+        svc.rollout.start()
         yield
         svc.batcher.stop()
+        svc.rollout.stop()
         svc.holder.stop()
 
     cfg = svc.cfg

@@ -6,6 +6,7 @@ two models. Requests beyond `max_pending` (queued + running) are refused at once
 Retry-After) instead of queueing without bound. A request leaves the count the moment its future is done or
 cancelled: a client that hangs up frees its slot at once, and a cancelled job is skipped when its turn comes.
 A batch whose every request was cancelled stops at its next step (models/cancel.py) and serves the next one.
+Every model call in the process passes GENERATION, one at a time (see GenerationGate).
 """
 
 from __future__ import annotations
@@ -14,18 +15,62 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from models.cancel import Cancelled
-from models.longform import Request, generate_batch
+from models.longform import Request, generate_batch_raw
 from tasks.serving.holder import ModelHolder
 from tasks.serving.metrics import Metrics
 from v2m.config_serve import GenerateConfig
 
 log = logging.getLogger("v2m.serve")
+
+
+class GenerationGate:
+    """One generation at a time in this process. MusicGen samples from torch's global RNG, seeded per call inside
+    fork_rng: two threads sampling at once would draw from one stream and restore each other's RNG state, and an
+    output would no longer reproduce from its seed. (A GPU runs one generate at a time best anyway: batching is
+    how it serves several.) Clients' generations (the champion's batcher, a canary challenger's) go first:
+    background work (the shadow) takes the gate only when nobody waits, and stops at its next step (`wanted`
+    as its cancel check) as soon as a client's generation waits."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._count = threading.Lock()
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        with self._count:
+            self._waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._count:
+                self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def wanted(self) -> bool:
+        """A client's generation waits for the gate."""
+        return self._waiting > 0
+
+    def try_background(self) -> bool:
+        """Take the gate for background work if it is free and nobody waits; release() when done."""
+        return not self.wanted() and self._lock.acquire(blocking=False)
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+GENERATION = GenerationGate()  # the process's one gate: every Batcher and the shadow share it
 
 
 class Overloaded(Exception):
@@ -42,6 +87,7 @@ class Result:
     sample_rate: int
     model: str
     seconds: float  # time spent generating (the batch's), for the real-time factor
+    raw: np.ndarray | None = None  # before peak normalisation: what online sanity reads
 
 
 class Batcher:
@@ -51,12 +97,17 @@ class Batcher:
         self.max_pending, self.window_s, self.max_batch = max_pending, window_s, max_batch
         self._queue: queue.Queue[tuple[Request, Future] | None] = queue.Queue()
         self._pending = 0
+        self._idle_since = time.monotonic()  # when the last request left (pending went to 0)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @property
     def pending(self) -> int:
         return self._pending
+
+    def idle_for(self) -> float:
+        """Seconds since the last request left, 0 while any is queued or running (background work's cue)."""
+        return 0.0 if self._pending else time.monotonic() - self._idle_since
 
     def submit(self, req: Request) -> Future:
         if not self.holder.ready:
@@ -75,6 +126,8 @@ class Batcher:
         with self._lock:
             self._pending -= n
             self.metrics.queue_depth.set(self._pending)
+            if self._pending == 0:
+                self._idle_since = time.monotonic()
 
     def _collect(self, first: tuple[Request, Future]) -> list[tuple[Request, Future]]:
         """The first job plus whatever else arrives within the batch window (up to max_batch)."""
@@ -99,12 +152,13 @@ class Batcher:
         served = self.holder.current  # one model for the whole batch, even if a swap happens meanwhile
         for group in _same_duration(live):
             try:
-                start = time.perf_counter()
-                audio = generate_batch(served.backend, [r for r, _ in group], self.gen)
-                took = time.perf_counter() - start
+                with GENERATION.serving():
+                    start = time.perf_counter()
+                    outputs = generate_batch_raw(served.backend, [r for r, _ in group], self.gen)
+                    took = time.perf_counter() - start
                 self.metrics.batch_size.observe(len(group))
-                for (_, fut), a in zip(group, audio):
-                    fut.set_result(Result(a, served.backend.sample_rate, served.label, took))
+                for (_, fut), g in zip(group, outputs):
+                    fut.set_result(Result(g.audio, served.backend.sample_rate, served.label, took, g.raw))
             except Cancelled as exc:  # every client of this group left: nobody to answer
                 log.info("stopped a batch of %d: %s", len(group), exc)
                 self.metrics.cancelled.labels(stage="running").inc(len(group))

@@ -4,7 +4,9 @@ A REF like `voice2music-musicgen@champion` is looked up every `poll_s`: when the
 that version loads in a background thread while the current one keeps serving, and only a fully loaded model
 replaces it (one reference assignment: atomic). A version that fails to load leaves the old one serving; the
 error shows in /readyz, /metrics (v2m_model_load_error) and the log, and it is tried again after RETRY_FAILED_S
-or as soon as the alias moves elsewhere. Rollbacks are alias moves too, so they are followed the same way.
+or as soon as the alias moves elsewhere. Rollbacks are alias moves too, so they are followed the same way; the
+version a swap replaced stays loaded (one model's memory more), so moving the alias back to it swaps at once:
+a rollback does not wait for a load while the version rolled back from keeps answering.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ class ModelHolder:
         self.ref, self.poll_s = ref, poll_s
         self._load, self._resolve, self._on_change = load, resolve, on_change
         self.current: Served | None = None
+        self.previous: Served | None = None  # what `current` replaced: a rollback to it swaps back at once
         self.error: str | None = None       # the last load or lookup failure, until a load succeeds
         self.failed: tuple[str, float] | None = None  # (label, when) of the version that failed to load
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
@@ -67,13 +71,20 @@ class ModelHolder:
             return False
         if self.failed and self.failed[0] == label and time.monotonic() - self.failed[1] < RETRY_FAILED_S:
             return False
+        if self.previous is not None and label == self.previous.label:  # a rollback: back at once, no reload
+            self.current, self.previous = self.previous, self.current
+            self.error, self.failed = None, None
+            log.info("now serving %s again (kept loaded since it was replaced)", label)
+            self._on_change(self)
+            return True
         log.info("loading %s (serving %s meanwhile)", label, self.current.label if self.current else "nothing")
         try:
             backend = self._load(label)
         except Exception as exc:  # any failure to load must leave the old model serving
             self._fail(label, f"{label}: failed to load: {type(exc).__name__}: {exc}")
             return False
-        self.current = Served(backend, label, time.time())  # the swap: requests after this line get the new model
+        # the swap: requests after this line get the new model; the one it replaces stays loaded for a rollback
+        self.current, self.previous = Served(backend, label, time.time()), self.current
         self.error, self.failed = None, None
         log.info("now serving %s", label)
         self._on_change(self)
@@ -86,6 +97,10 @@ class ModelHolder:
             self.failed = (label, time.monotonic())
         self._on_change(self)
 
+    def poke(self) -> None:
+        """Look the REF up now instead of at the next poll (after this process moved the alias itself)."""
+        self._wake.set()
+
     def start(self) -> None:
         """Load in the background (the server answers /healthz at once) and then follow the REF."""
         def run() -> None:
@@ -93,11 +108,13 @@ class ModelHolder:
                 self.refresh()
                 if not self.poll_s and self.current is not None:
                     return
-                self._stop.wait(self.poll_s or 5.0)
+                self._wake.wait(self.poll_s or 5.0)
+                self._wake.clear()
         self._thread = threading.Thread(target=run, name="v2m-model-holder", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -1,9 +1,12 @@
 """The logged pyfunc is self-contained: it loads and generates in a Python that cannot import this project
 (outside the project folder, no PYTHONPATH, and without the editable install's path hook), and
-`mlflow models serve -m models:/voice2music-musicgen@champion` serves it."""
+`mlflow models serve -m models:/voice2music-musicgen@champion` serves it, to a remote client too (base64 WAV in
+and out)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import signal
@@ -16,6 +19,8 @@ from pathlib import Path
 
 import httpx
 import mlflow
+import numpy as np
+import soundfile as sf
 import yaml
 
 from models.pyfunc import REQUIREMENTS
@@ -87,6 +92,27 @@ def test_the_registered_pyfunc_loads_and_generates_outside_the_project(tmp_path:
             {"vocal_path": None, "prompt": "Pop music for input vocals", "duration_s": 0.5, "seed": 1}]})
         assert r.status_code == 200, r.text
         assert len(r.json()["predictions"][0]["audio"]) == 16000
+
+        # A remote client: the vocal as a base64 WAV in, a base64 WAV out (MLflow's own server, no shared disk).
+        t = np.arange(int(1.5 * 22050)) / 22050
+        take = io.BytesIO()
+        sf.write(take, (0.4 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 22050, format="WAV")
+        row = {"vocal_b64": base64.b64encode(take.getvalue()).decode(), "prompt": "Pop music for input vocals",
+               "duration_s": 1.0, "seed": 1}
+        b64 = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=120, json={"dataframe_records": [row]})
+        assert b64.status_code == 200, b64.text
+        pred = b64.json()["predictions"][0]
+        audio, sr = sf.read(io.BytesIO(base64.b64decode(pred["audio_b64"])), dtype="float32")
+        assert sr == pred["sample_rate"] == 32000 and len(audio) == 32000 and np.abs(audio).max() > 0.1
+        floats = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=120, json={"dataframe_records": [
+            {**row, "output": "array"}]})
+        assert floats.status_code == 200 and len(floats.json()["predictions"][0]["audio"]) == 32000
+        assert len(b64.content) * 4 < len(floats.content)  # the point: a WAV, not a column of JSON floats
+        for bad, says in ((row | {"vocal_b64": "not base64!"}, "not valid base64"),
+                          (row | {"vocal_b64": base64.b64encode(b"RIFF" + bytes(100)).decode()}, "cannot decode"),
+                          (row | {"duration_s": 1e6}, "duration_s")):
+            r = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=120, json={"dataframe_records": [bad]})
+            assert r.status_code == 400 and says in r.text, r.text
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # mlflow starts uvicorn as a child: stop the group we started
         server.wait(timeout=30)
