@@ -21,6 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+
+from flows.timeline import format_timeline, timeline  # noqa: E402
 from tests.flows.team_project import TEAM, merge, publish_project, s3_keys  # noqa: E402
 from v2m.stack import NOT_INHERITED, Stack  # noqa: E402
 
@@ -46,6 +49,7 @@ def team_run(work: Path) -> tuple[float, dict, Path]:
         wall = time.perf_counter() - t
         assert parent.state.is_completed(), parent.state
         out = parent.state.result()
+        steps = timeline(parent.id)
 
         async def step_runs():
             async with get_client() as client:
@@ -53,7 +57,7 @@ def team_run(work: Path) -> tuple[float, dict, Path]:
         runs = [r for r in asyncio.run(step_runs()) if r.state.is_completed() and r.deployment_id]
         after = {b: s3_keys(st, b) for b in before}
         moved = {b: {k: v for k, v in after[b].items() if before[b].get(k) != v} for b in after}
-        report = {"out": out, "moved": moved, "pulled": {}}
+        report = {"out": out, "moved": moved, "pulled": {}, "timeline": steps}
         for r in runs:
             try:
                 res = r.state.result()
@@ -66,10 +70,22 @@ def team_run(work: Path) -> tuple[float, dict, Path]:
         st.down()
 
 
+def embedded_settings(params: dict) -> dict:
+    """The team project's params without what only team mode has: the S3 DVC remote and S3 checkpoints. A
+    checkpoint_uri left in made the embedded retrain read S3 with no stack and no keys (NoCredentialsError
+    in download_latest): the team settings leaked into the baseline."""
+    params = merge(params, {"orchestration": {"mode": "embedded"}, "dvc": {"remote": "local"}})
+    for backend in ("musicgen", "audioldm"):
+        params["train"].get(backend, {}).pop("checkpoint_uri", None)
+    return params
+
+
 def embedded_run(owner: Path, work: Path) -> float:
     """The same project and settings, one process, local DVC remote, embedded MLflow and Prefect."""
     proj = work / "embedded"
     shutil.copytree(owner, proj, ignore=shutil.ignore_patterns(".v2m"))
+    params = embedded_settings(yaml.safe_load((proj / "params.yaml").read_text()))
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(NOT_INHERITED)}
     env.update(PYTHONPATH=str(proj), V2M_ORCHESTRATION="embedded",
                PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
@@ -86,6 +102,7 @@ def main() -> None:
     try:
         team_wall, report, owner = team_run(work)
         emb_wall = embedded_run(owner, work)
+        print(format_timeline(report["timeline"]))
         print(f"team retrain (2 hosts): {team_wall:7.1f} s")
         print(f"embedded retrain:       {emb_wall:7.1f} s   team / embedded = {team_wall / emb_wall:.2f}")
         moved = report["moved"]

@@ -8,6 +8,7 @@ Returns the data version (dvc hashes + git revision + stats); training runs log 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,10 @@ def prepare_data(project_dir: str = ".", push: bool = False) -> dict[str, Any]:
     log = get_run_logger()
     team = team_mode(params)
     if team:  # another host: the raw data comes from the DVC remote at the revision this clone names
-        log.info("raw data: %d files pulled from the DVC remote", pull_raw(root, params))
+        started = time.perf_counter()
+        files = pull_raw(root, params)
+        log.info("data checkout: raw data, %d files pulled from the DVC remote in %.1f s", files,
+                 time.perf_counter() - started)
 
     raw_changed = track_raw_task(root, params.data.raw_dir)
     ran = reproduce_task(root)

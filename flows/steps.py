@@ -17,11 +17,12 @@ its host (tasks.orchestration.gpu_slot).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from tasks.evaluation.evaluate import evaluate_task
 from tasks.handoff import checkout
@@ -43,6 +44,18 @@ def project_params(project_dir: str, presets: dict[str, str] | None = None) -> t
     return root, params
 
 
+def pull_inputs(root: Path, params: Params, data_version: str, targets: list[str]) -> int:
+    """Team mode: check `targets` of that data version out of the DVC remote ("" = use the data here); returns
+    the bytes they hold. The log line's duration is the `data` phase of flows/timeline.py."""
+    if not data_version:
+        return 0
+    started = time.perf_counter()
+    size = checkout(root, params, data_version, targets)["bytes"]
+    get_run_logger().info("data checkout: %d bytes of %s in %.1f s", size, data_version[:12],
+                          time.perf_counter() - started)
+    return size
+
+
 def model_inputs(backend: str) -> list[str]:
     """What a GPU step reads from the DVC remote: its backend's cached model inputs and its backend's chunks
     (the vocals it conditions samples and evaluations on), never the raw audio or the other backend's data.
@@ -56,23 +69,23 @@ def finetune_flow(backend: str, mode: str, project_dir: str = ".", presets: dict
     """data_version: team mode, check that version out of the DVC remote first ("" = use the data here).
     gpus: train this one run on that many GPUs of the host (torchrun, data parallel)."""
     root, params = project_params(project_dir, presets)
-    pulled = checkout(root, params, data_version, model_inputs(backend)) if data_version else {"bytes": 0}
+    pulled = pull_inputs(root, params, data_version, model_inputs(backend))
     with gpu_slot(gpus) as gpu:
         state = finetune_task(params, backend, mode, root, max_steps=max_steps, gpus=gpus, return_state=True)
     result = asdict(state.result())
     if state.name == "Cached":  # Prefect's cache: same data version and settings, nothing was trained
         result["trained"] = False
-    return {**result, "gpu": gpu, "data_bytes_pulled": pulled["bytes"]}
+    return {**result, "gpu": gpu, "data_bytes_pulled": pulled}
 
 
 @flow(name="evaluate", persist_result=True)
 def evaluate_flow(model: str, project_dir: str = ".", presets: dict[str, str] | None = None,
                   data_version: str = "", backend: str = "") -> dict[str, Any]:
     root, params = project_params(project_dir, presets)
-    pulled = checkout(root, params, data_version, model_inputs(backend)) if data_version else {"bytes": 0}
+    pulled = pull_inputs(root, params, data_version, model_inputs(backend))
     with gpu_slot() as gpu:
         res = evaluate_task(params, root, model)
-    return {"run_id": res.run_id, "backend": res.backend, "gpu": gpu, "data_bytes_pulled": pulled["bytes"],
+    return {"run_id": res.run_id, "backend": res.backend, "gpu": gpu, "data_bytes_pulled": pulled,
             "metrics": {k: v for k, v in res.metrics.items() if k.count("/") == 1}}
 
 
@@ -82,8 +95,7 @@ def promote_flow(backend: str, run_id: str, eval_run_id: str, project_dir: str =
     """data_version: team mode, fetch that version's test manifest first: the gates compare evaluations on
     the current test set, whose fingerprint comes from it ("" = use the data here)."""
     root, params = project_params(project_dir)
-    if data_version:
-        checkout(root, params, data_version, [f"data/segments/{backend}.jsonl"])
+    pull_inputs(root, params, data_version, [f"data/segments/{backend}.jsonl"])
     version = register_task(run_id, backend, eval_run_id)
     # A version decided before (an unchanged re-run) keeps its decision; see earlier_decision.
     decision = earlier_decision(backend, version) or promote_task(params, root, backend, version)
