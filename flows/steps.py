@@ -27,7 +27,7 @@ from prefect import flow, get_run_logger
 from tasks.evaluation.evaluate import evaluate_task
 from tasks.handoff import checkout
 from tasks.orchestration import gpu_slot, team_mode
-from tasks.registry.promotion import earlier_decision, promote_task, register_task
+from tasks.registry.promotion import earlier_decision, promote_task, promotion_lease, register_task
 from tasks.training.finetune import finetune_task
 from v2m.config import Params, load_params
 from v2m.tracking import setup_mlflow
@@ -96,7 +96,8 @@ def promote_flow(backend: str, run_id: str, eval_run_id: str, project_dir: str =
     the current test set, whose fingerprint comes from it ("" = use the data here)."""
     root, params = project_params(project_dir)
     pull_inputs(root, params, data_version, [f"data/segments/{backend}.jsonl"])
-    version = register_task(run_id, backend, eval_run_id)
+    with promotion_lease(params, backend, f"register {run_id}"):  # two hosts registering one run: one version
+        version = register_task(run_id, backend, eval_run_id)
     # A version decided before (an unchanged re-run) keeps its decision; see earlier_decision.
     decision = earlier_decision(backend, version) or promote_task(params, root, backend, version)
     return decision.as_dict()
