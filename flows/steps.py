@@ -29,6 +29,7 @@ from tasks.handoff import checkout
 from tasks.orchestration import gpu_slot, team_mode
 from tasks.registry.promotion import earlier_decision, promote_task, promotion_lease, register_task
 from tasks.training.finetune import finetune_task
+from tasks.training.retention import apply_retention
 from v2m.config import Params, load_params
 from v2m.tracking import setup_mlflow
 
@@ -75,6 +76,8 @@ def finetune_flow(backend: str, mode: str, project_dir: str = ".", presets: dict
     result = asdict(state.result())
     if state.name == "Cached":  # Prefect's cache: same data version and settings, nothing was trained
         result["trained"] = False
+    if result["trained"] and result["model_uri"]:  # finished here: its S3 checkpoints follow the retention rule
+        result["checkpoint_retention"] = apply_retention(params, backend, result["run_id"], result["run_dir"])
     return {**result, "gpu": gpu, "data_bytes_pulled": pulled}
 
 
