@@ -9,13 +9,14 @@ Returns the data version (dvc hashes + git revision + stats); training runs log 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.handoff import publish, pull_raw
+from tasks.handoff import publish, pull_raw, workspace_lock
 from tasks.orchestration import team_mode
 from tasks.data.versioning import (data_version_task, dataset_stats_task, push_task, record_version,
                                    reproduce_task, track_raw_task)
@@ -28,23 +29,24 @@ def prepare_data(project_dir: str = ".", push: bool = False) -> dict[str, Any]:
     params = load_params(root / "params.yaml")
     log = get_run_logger()
     team = team_mode(params)
-    if team:  # another host: the raw data comes from the DVC remote at the revision this clone names
-        started = time.perf_counter()
-        files = pull_raw(root, params)
-        log.info("data checkout: raw data, %d files pulled from the DVC remote in %.1f s", files,
-                 time.perf_counter() - started)
-
-    raw_changed = track_raw_task(root, params.data.raw_dir)
-    ran = reproduce_task(root)
-    version = data_version_task(root)
-    version["stats"] = dataset_stats_task(root)
-    version["stages_run"] = ran
-    version["raw_changed"] = raw_changed
-    if push and not team:
-        version["pushed_files"] = push_task(root, params.dvc)
-    path = record_version(root, version)
-    if team:  # every output to the remote, and the files naming this version, for the steps on other hosts
-        version.update(publish(root, params, version["data_version"]))
+    # Team mode: this host's checkout is shared by the flow runs of this commit (v2m/checkout.py)
+    with workspace_lock(root) if team else nullcontext():
+        if team:  # another host: the raw data comes from the DVC remote at the revision this checkout names
+            started = time.perf_counter()
+            files = pull_raw(root, params)
+            log.info("data checkout: raw data, %d files pulled from the DVC remote in %.1f s", files,
+                     time.perf_counter() - started)
+        raw_changed = track_raw_task(root, params.data.raw_dir)
+        ran = reproduce_task(root)
+        version = data_version_task(root)
+        version["stats"] = dataset_stats_task(root)
+        version["stages_run"] = ran
+        version["raw_changed"] = raw_changed
+        if push and not team:
+            version["pushed_files"] = push_task(root, params.dvc)
+        path = record_version(root, version)
+        if team:  # every output to the remote, and the files naming this version, for the steps on other hosts
+            version.update(publish(root, params, version["data_version"]))
 
     log.info("data version %s (git %s); stages run: %s", version["data_version"],
              version["git_revision"], ", ".join(ran) or "none")

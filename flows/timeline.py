@@ -10,8 +10,8 @@ and from the log lines the engine and our steps write:
     data      the step's own "data checkout ... in X s" line (flows/steps.py): the DVC pull of its inputs
     work      Running -> Completed, less data
 
-and the parent's `between` time: its wall time not covered by any step (polling, reading results, its own
-logic). `python -m flows.timeline FLOW_RUN_ID` prints the table for a parent flow run (PREFECT_API_URL set).
+and the parent's own time: its reports (its "report: ... in X s" lines, flows/retrain.py) and `between`, the
+rest of its wall time that no step covers (polling, reading results, its own logic). `python -m flows.timeline FLOW_RUN_ID` prints the table for a parent flow run (PREFECT_API_URL set).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ PHASES = ("queue", "start", "checkout", "imports", "data", "work")
 PULL_START = re.compile(r"Running \d+ deployment pull step")
 PULL_DONE = "All deployment steps completed successfully"
 DATA_LINE = re.compile(r"data checkout: .* in ([0-9.]+) s")
+REPORT_LINE = re.compile(r"report: .* in ([0-9.]+) s")
 
 
 def _first(states: list, kind: str) -> datetime | None:
@@ -85,17 +86,20 @@ async def _read(parent_id: UUID) -> dict[str, Any]:
             row["deployment"] = deployments.get(run.deployment_id, row["deployment"])
             rows.append(row)
         parent_states = await client.read_flow_run_states(parent_id)
+        parent_logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[parent_id])))
     rows.sort(key=lambda r: r["scheduled"])
+    reports = sum(float(m.group(1)) for lg in parent_logs if (m := REPORT_LINE.search(lg.message)))
     start = _first(parent_states, "RUNNING") or parent.start_time
     end = max((s.timestamp for s in parent_states if s.is_final()), default=None)
     wall = _seconds(start, end)
     spans = [(r["scheduled"], r["ended"]) for r in rows if r["ended"]]
-    return {"wall": wall, "steps": rows, "between": max(0.0, wall - _covered(spans)),
+    return {"wall": wall, "steps": rows, "reports": reports, "between": max(0.0, wall - _covered(spans) - reports),
             "sums": {p: sum(r[p] for r in rows) for p in PHASES}}
 
 
 def timeline(parent_flow_run_id: str | UUID) -> dict[str, Any]:
-    """The step phases of a parent flow run (e.g. retrain in team mode): {"wall", "steps", "sums", "between"}."""
+    """The step phases of a parent flow run (e.g. retrain in team mode): {"wall", "steps", "sums", "reports",
+    "between"}."""
     return asyncio.run(_read(UUID(str(parent_flow_run_id))))
 
 
@@ -106,7 +110,8 @@ def format_timeline(t: dict[str, Any]) -> str:
         lines.append(f"{(r['deployment'] + ' ' + r['step'])[:33]:<34}"
                      + "".join(f"{r[p]:9.1f}" for p in (*PHASES, "total")))
     lines.append(f"{'sum over steps':<34}" + "".join(f"{t['sums'][p]:9.1f}" for p in PHASES))
-    lines.append(f"parent wall {t['wall']:.1f} s, of which no step was queued or running: {t['between']:.1f} s")
+    lines.append(f"parent wall {t['wall']:.1f} s: its reports {t['reports']:.1f} s, and {t['between']:.1f} s "
+                 "more while no step was queued or running")
     return "\n".join(lines)
 
 

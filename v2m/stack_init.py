@@ -76,7 +76,7 @@ RemoteFileSystem(basepath="s3://v2m-results/prefect",
 # heartbeat every HEARTBEAT_S, and this automation marks a run Crashed when they stop for LOST_AFTER_S
 # (Prefect's documented zombie-run detection). The parent (flows.steps.run_step) then starts the step again.
 HEARTBEAT_S, LOST_AFTER_S = 30, 75
-WORKER_POLL_S = 3  # how often a worker asks for scheduled flow runs (a few workers: negligible load)
+WORKER_POLL_S = 1  # how often a worker asks for scheduled flow runs (a few workers: negligible load)
 LOST_RUNS_SCRIPT = """
 import sys
 from datetime import timedelta

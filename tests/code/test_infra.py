@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,8 @@ def test_process_template_renders_without_pinning_every_job_to_one_gpu() -> None
 def test_prefect_yaml_clones_the_code_and_points_at_real_flows_and_pools() -> None:
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     steps = [next(iter(s)) for s in spec["pull"]]
-    assert steps == ["prefect.deployments.steps.git_clone", "prefect.deployments.steps.set_working_directory"]
+    assert steps == ["prefect.deployments.steps.run_shell_script", "prefect.deployments.steps.set_working_directory"]
+    assert spec["pull"][0]["prefect.deployments.steps.run_shell_script"]["script"].startswith("python -m v2m.checkout ")
     deployments = {d["name"]: d for d in spec["deployments"]}
     assert {"retrain-scheduled", "retrain-manual", "data-watch", "prepare-data", "finetune", "evaluate",
             "promote"} <= set(deployments)
@@ -129,11 +131,13 @@ def test_deploy_writes_the_configured_repository_and_commit_into_the_pull_steps(
     from v2m.config import CodeSource
     from v2m.errors import UserError
     by_branch = pull_steps(CodeSource(repository="git@example.com:t/v2m.git", branch="release"))
-    assert by_branch[0]["prefect.deployments.steps.git_clone"] == {
-        "id": "clone", "repository": "git@example.com:t/v2m.git", "branch": "release"}
+    step = by_branch[0]["prefect.deployments.steps.run_shell_script"]
+    assert shlex.split(step["script"]) == ["python", "-m", "v2m.checkout", "--repository", "git@example.com:t/v2m.git",
+                                           "--branch", "release"]
+    assert by_branch[1]["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ checkout.stdout }}"
     pinned = pull_steps(CodeSource(repository="/srv/v2m.git", commit="0123abcd"))
-    assert pinned[0]["prefect.deployments.steps.git_clone"]["commit_sha"] == "0123abcd"
-    assert "branch" not in pinned[0]["prefect.deployments.steps.git_clone"]  # git_clone takes one of the two
+    script = shlex.split(pinned[0]["prefect.deployments.steps.run_shell_script"]["script"])
+    assert script[-2:] == ["--commit", "0123abcd"] and "--branch" not in script
     with pytest.raises(UserError, match="orchestration.code.repository"):
         pull_steps(CodeSource())
 
