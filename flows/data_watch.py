@@ -16,7 +16,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.variables import Variable
 
-from flows.steps import project_params, team_mode
+from tasks.orchestration import project_params, team_mode
 from tasks.data.track_cache import cache_key
 from v2m.config import Params
 

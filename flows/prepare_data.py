@@ -17,16 +17,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.handoff import publish, pull_raw, workspace_lock
-from tasks.orchestration import team_mode
+from tasks.orchestration import project_params, team_mode
 from tasks.data.versioning import (data_version_task, dataset_stats_task, push_task, record_version,
                                    reproduce_task, track_raw_task)
-from v2m.config import load_params
 
 
 @flow(name="prepare-data")
 def prepare_data(project_dir: str = ".", push: bool = False) -> dict[str, Any]:
-    root = Path(project_dir).resolve()
-    params = load_params(root / "params.yaml")
+    root, params = project_params(project_dir)  # team mode: DVC's stage commands import this checkout's code
     log = get_run_logger()
     team = team_mode(params)
     # Team mode: this host's checkout is shared by the flow runs of this commit (v2m/checkout.py)

@@ -65,7 +65,7 @@ def backend_pipeline(params: Params, root: Path, backend: str, modes: list[str],
                       "champion_before": decision["champion_before"],
                       "champion_eval_run_id": decision["champion_eval_run_id"],
                       "gates": {g["name"]: g["status"] for g in decision["gates"]}})
-    if baseline:
+    if baseline and alias_version(backend, CHAMPION):  # what the report compares the champion with
         run_step(params, "evaluate", evaluate_flow, model=f"base:{backend}", project_dir=str(root), presets=presets,
                  backend=backend, **version)
     return steps

@@ -28,23 +28,11 @@ from prefect import flow, get_run_logger
 
 from tasks.evaluation.evaluate import evaluate_task
 from tasks.handoff import checkout
-from tasks.orchestration import gpu_slot, team_mode
+from tasks.orchestration import gpu_slot, project_params, team_mode
 from tasks.registry.promotion import earlier_decision, promote_task, promotion_lease, register_task
 from tasks.training.finetune import finetune_task
 from tasks.training.retention import apply_retention
-from v2m.config import Params, load_params
-from v2m.tracking import setup_mlflow
-
-
-def project_params(project_dir: str, presets: dict[str, str] | None = None) -> tuple[Path, Params]:
-    root = Path(project_dir).resolve()
-    params = load_params(root / "params.yaml")
-    for backend, preset in (presets or {}).items():
-        params = params.model_copy(update={backend: getattr(params, backend).model_copy(update={"preset": preset})})
-    setup_mlflow(params, root)
-    if team_mode(params):  # DVC stages run `v2m ...`: they must import this clone's code, not an installed copy
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return root, params
+from v2m.config import Params
 
 
 def pull_inputs(root: Path, params: Params, data_version: str, targets: list[str]) -> int:
