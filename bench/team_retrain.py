@@ -2,13 +2,16 @@
 folders, code from git, data through the DVC S3 remote, models through MLflow, results on S3) against the
 same retrain embedded in one process, and the bytes that moved through S3 per step.
 
-    python bench/team_retrain.py
+    python bench/team_retrain.py [--gpus N]
 
-Same tiny data and step counts as tests/flows/test_team_e2e.py (without the lost host). Prints the figures.
+Same tiny data and step counts as tests/flows/test_team_e2e.py (without the lost host). Prints the figures,
+with each step's phases from the flow-run timeline (flows/timeline.py). --gpus N: the GPU host runs N jobs at
+once (the `gpu` limit N); here they share this machine's CPU cores.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import shutil
@@ -30,17 +33,17 @@ from v2m.stack import NOT_INHERITED, Stack  # noqa: E402
 SETTINGS = merge(TEAM, {"train": {"musicgen": {"max_steps": 6}}})
 
 
-def team_run(work: Path) -> tuple[float, dict, Path]:
+def team_run(work: Path, gpus: int) -> tuple[float, dict, Path]:
     from flows.deploy import deploy_all
     from v2m.config import load_params
     st = Stack(work / "stack")
-    st.up(servers_only=True, gpus=1)
+    st.up(servers_only=True, gpus=gpus)
     try:
         os.environ.update(st.client_env("cpu"))
         owner, _ = publish_project(st, work, SETTINGS)
         deploy_all(load_params(owner / "params.yaml"), owner, st.client_env("cpu"))
         st.worker("cpu", work / "cpu-host")
-        st.worker("gpu-a40", work / "gpu-host")
+        st.worker("gpu-a40", work / "gpu-host", gpu_ids=[str(i) for i in range(gpus)])
         from prefect.client.orchestration import get_client
         from prefect.deployments import run_deployment
         before = {b: s3_keys(st, b) for b in ("v2m-dvc", "v2m-mlflow", "v2m-checkpoints", "v2m-results")}
@@ -98,12 +101,15 @@ def embedded_run(owner: Path, work: Path) -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpus", type=int, default=1, help="jobs the GPU host runs at once")
+    args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="v2m-team-bench-"))
     try:
-        team_wall, report, owner = team_run(work)
+        team_wall, report, owner = team_run(work, args.gpus)
         emb_wall = embedded_run(owner, work)
         print(format_timeline(report["timeline"]))
-        print(f"team retrain (2 hosts): {team_wall:7.1f} s")
+        print(f"team retrain (2 hosts, {args.gpus} GPU job(s) at once): {team_wall:7.1f} s")
         print(f"embedded retrain:       {emb_wall:7.1f} s   team / embedded = {team_wall / emb_wall:.2f}")
         moved = report["moved"]
         dvc = moved["v2m-dvc"]
