@@ -11,7 +11,8 @@ and from the log lines the engine and our steps write:
     work      Running -> Completed, less data
 
 and the parent's own time: its reports (its "report: ... in X s" lines, flows/retrain.py) and `between`, the
-rest of its wall time that no step covers (polling, reading results, its own logic). `python -m flows.timeline FLOW_RUN_ID` prints the table for a parent flow run (PREFECT_API_URL set).
+rest of its wall time that no step covers (polling, reading results, its own logic).
+`python -m flows.timeline FLOW_RUN_ID` prints the table for a parent flow run (PREFECT_API_URL set).
 """
 
 from __future__ import annotations

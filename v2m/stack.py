@@ -28,8 +28,8 @@ from typing import Any
 from v2m.s3server import SeaweedS3, free_port
 from v2m.stack_init import BUCKETS, HEARTBEAT_S, WORKER_POLL_S, QUIET, RESULTS_BLOCK, init_services
 
-POOLS = {"cpu": "process", "gpu-a40": "process"}
-AUTH_CACHE_S = 60  # MLflow basic auth: how long a checked password stays checked (a changed one, at most this)  # here both pools run as local process workers
+POOLS = {"cpu": "process", "gpu-a40": "process"}  # here both pools run as local process workers
+AUTH_CACHE_S = 60  # MLflow basic auth: how long a checked password stays checked (a changed one: at most this)
 # S3 keys per host role, each reaching only the buckets that role needs ("r" read, "rw" read and write).
 # The MLflow server alone holds the artifact bucket: clients reach artifacts through it (proxied).
 S3_ROLES = {"mlflow": {"v2m-mlflow": "rw"},

@@ -36,7 +36,7 @@ from typing import Iterator
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-SOURCE = "lease://voice2music"  # a model version needs a source URI; a ticket holds no model
+SOURCE = "lease:///voice2music"  # a version needs a source URI, with an absolute path; a ticket holds no model
 RELEASED, BROKEN, FLOOR, HOLDER = "lease.released", "lease.broken", "lease.floor", "lease.holder"
 
 

@@ -13,19 +13,8 @@ import yaml
 
 from flows.steps import finetune_flow
 from tests.flows.conftest import write_small_params
+from tests.model.test_run_checkpoints import s3  # noqa: F401  (pytest fixture: SeaweedFS with bucket "ckpts")
 from v2m.config import ConfigError, load_params
-from v2m.s3server import SeaweedS3, free_port
-
-
-@pytest.fixture
-def s3(tmp_path: Path, monkeypatch):
-    server = SeaweedS3(tmp_path / "s3", buckets=["ckpts"], s3_port=free_port())
-    server.start()
-    for k, v in server.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint_url)
-    yield server
-    server.stop()
 
 
 def test_a_finished_run_keeps_its_final_and_last_k_checkpoints_on_s3(harness, root: Path, s3) -> None:

@@ -62,7 +62,8 @@ async def _flow_runs(deployment: str) -> list:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     async with get_client() as client:
-        return await client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])))
+        return await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])))
 
 
 def test_data_watch_on_another_host_sees_what_the_previous_run_saw(team, monkeypatch) -> None:
@@ -122,6 +123,8 @@ def test_two_cpu_hosts_racing_one_promotion_end_with_one_champion_and_one_audit_
         done = asyncio.run(_wait_final([r.id for r in runs], 900))
         assert all(d.state.is_completed() for d in done), ([d.state for d in done], [worker_log(st, h) for h in hosts])
         decisions = [d.state.result() for d in done]
+        print("\nthe two hosts' decisions:", [(d["promoted"], d["reason"]) for d in decisions],
+              "started", [d.start_time.isoformat() for d in done], "ended", [d.end_time.isoformat() for d in done])
         for host in hosts:
             st.stop(host)
 
