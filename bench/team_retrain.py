@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -28,9 +29,22 @@ import yaml  # noqa: E402
 
 from flows.timeline import format_timeline, timeline  # noqa: E402
 from tests.flows.team_project import TEAM, merge, publish_project, s3_keys  # noqa: E402
-from v2m.stack import NOT_INHERITED, Stack  # noqa: E402
+from v2m.stack import NOT_INHERITED, Stack, _descendants  # noqa: E402
 
 SETTINGS = merge(TEAM, {"train": {"musicgen": {"max_steps": 6}}})
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of these processes, their live descendants and the children they reaped: all
+    the team stack spends (servers, workers, their zygotes and every flow run), whatever else loads the host."""
+    total = 0
+    for pid in {d for p in pids for d in (p, *_descendants(p))}:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def team_run(work: Path, gpus: int) -> tuple[float, dict, Path]:
@@ -47,9 +61,10 @@ def team_run(work: Path, gpus: int) -> tuple[float, dict, Path]:
         from prefect.client.orchestration import get_client
         from prefect.deployments import run_deployment
         before = {b: s3_keys(st, b) for b in ("v2m-dvc", "v2m-mlflow", "v2m-checkpoints", "v2m-results")}
-        t = time.perf_counter()
+        pids = list(st.state()["pids"].values())
+        cpu, t = cpu_seconds(pids), time.perf_counter()
         parent = run_deployment("retrain/retrain-manual", timeout=None)
-        wall = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, cpu_seconds(pids) - cpu
         assert parent.state.is_completed(), parent.state
         out = parent.state.result()
         steps = timeline(parent.id)
@@ -60,7 +75,7 @@ def team_run(work: Path, gpus: int) -> tuple[float, dict, Path]:
         runs = [r for r in asyncio.run(step_runs()) if r.state.is_completed() and r.deployment_id]
         after = {b: s3_keys(st, b) for b in before}
         moved = {b: {k: v for k, v in after[b].items() if before[b].get(k) != v} for b in after}
-        report = {"out": out, "moved": moved, "pulled": {}, "timeline": steps}
+        report = {"out": out, "moved": moved, "pulled": {}, "timeline": steps, "cpu": cpu}
         for r in runs:
             try:
                 res = r.state.result()
@@ -83,7 +98,7 @@ def embedded_settings(params: dict) -> dict:
     return params
 
 
-def embedded_run(owner: Path, work: Path) -> float:
+def embedded_run(owner: Path, work: Path) -> tuple[float, float]:
     """The same project and settings, one process, local DVC remote, embedded MLflow and Prefect."""
     proj = work / "embedded"
     shutil.copytree(owner, proj, ignore=shutil.ignore_patterns(".v2m"))
@@ -93,11 +108,12 @@ def embedded_run(owner: Path, work: Path) -> float:
     env.update(PYTHONPATH=str(proj), V2M_ORCHESTRATION="embedded",
                PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
     code = "from flows.retrain import retrain; retrain(project_dir='.')"
-    t = time.perf_counter()
+    before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     res = subprocess.run([sys.executable, "-c", code], cwd=proj, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(f"embedded retrain failed:\n{res.stderr[-3000:]}")
-    return time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter() - t, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def main() -> None:
@@ -107,10 +123,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="v2m-team-bench-"))
     try:
         team_wall, report, owner = team_run(work, args.gpus)
-        emb_wall = embedded_run(owner, work)
+        emb_wall, emb_cpu = embedded_run(owner, work)
         print(format_timeline(report["timeline"]))
-        print(f"team retrain (2 hosts, {args.gpus} GPU job(s) at once): {team_wall:7.1f} s")
-        print(f"embedded retrain:       {emb_wall:7.1f} s   team / embedded = {team_wall / emb_wall:.2f}")
+        print(f"team retrain (2 hosts, {args.gpus} GPU job(s) at once): {team_wall:7.1f} s wall, "
+              f"{report['cpu']:7.1f} s CPU (servers, workers and flow runs)")
+        print(f"embedded retrain: {emb_wall:7.1f} s wall, {emb_cpu:7.1f} s CPU   team / embedded = "
+              f"{team_wall / emb_wall:.2f} (wall), {report['cpu'] / emb_cpu:.2f} (CPU); load average now "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         moved = report["moved"]
         dvc = moved["v2m-dvc"]
         print(f"prepare-data -> S3 (dvc push + version files): {sum(dvc.values()):,} bytes in {len(dvc)} objects")

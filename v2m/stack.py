@@ -198,9 +198,11 @@ class Stack:
             env["V2M_GPU_IDS"] = ",".join(gpu_ids or [])
             limit = ["--limit", str(max(1, len(gpu_ids or [])))]
         bindir = Path(sys.executable).parent
-        pid = self._spawn(name, [str(bindir / "prefect"), "worker", "start", "--pool", pool, "--type", POOLS[pool],
-                                 "--name", name, "--install-policy", "never", *limit,
-                                 *(["--work-queue", queue] if queue else [])], env, cwd=directory)
+        worker = [str(bindir / "prefect"), "worker", "start", "--pool", pool, "--type", POOLS[pool], "--name", name,
+                  "--install-policy", "never", *limit, *(["--work-queue", queue] if queue else [])]
+        # the worker, with its zygote as its child: flow runs start as forks of it (v2m/warm.py)
+        warm = [sys.executable, "-m", "v2m.warm", "host", str(directory / "warm.sock"), "--"]
+        pid = self._spawn(name, [*warm, *worker], env, cwd=directory)
         st = self.state()
         st["pids"][name] = pid
         self._save(st)

@@ -5,15 +5,18 @@ block for results, and the automation that notices a lost host.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from v2m.errors import UserError
 
 BUCKETS = ["v2m-mlflow", "v2m-dvc", "v2m-checkpoints", "v2m-results"]
 RESULTS_BLOCK = "remote-file-system/v2m-results"  # Prefect results of every step, on S3
+WARM_COMMAND = "python -m v2m.warm run"  # a flow run's process: a fork of its host's zygote (v2m/warm.py)
 QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
          "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -33,9 +36,13 @@ def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords:
             raise RuntimeError(f"creating MLflow user {user} failed: HTTP {r.status_code}")
     prefect, env = str(Path(sys.executable).parent / "prefect"), {**env, **QUIET}
     template = Path(__file__).resolve().parents[1] / "infra" / "work-pools" / "gpu-a40-process.json"
+    cpu_template = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    with cpu_template:
+        json.dump(cpu_job_template(), cpu_template)
     for cmd in ([prefect, "work-pool", "create", "gpu-a40", "--type", "process", "--base-job-template",
                  str(template), "--overwrite"],
-                [prefect, "work-pool", "create", "cpu", "--type", "process", "--overwrite"],
+                [prefect, "work-pool", "create", "cpu", "--type", "process", "--base-job-template",
+                 cpu_template.name, "--overwrite"],
                 [prefect, "concurrency-limit", "delete", "gpu"],
                 [prefect, "concurrency-limit", "create", "gpu", str(gpus)],
                 [sys.executable, "-c", RESULTS_BLOCK_SCRIPT, s3_url],
@@ -43,6 +50,16 @@ def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords:
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode != 0 and "delete" not in cmd and "already exists" not in res.stdout + res.stderr:
             raise RuntimeError(f"{' '.join(cmd[1:4])} failed: {res.stdout[-500:]}{res.stderr[-500:]}")
+    os.unlink(cpu_template.name)
+
+
+def cpu_job_template() -> dict:
+    """The cpu pool's job template: Prefect's process template, started through v2m.warm like the gpu-a40
+    pool's (infra/work-pools/gpu-a40-process.json)."""
+    from prefect.workers.process import ProcessWorker
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["command"]["default"] = WARM_COMMAND
+    return template
 
 
 def init_from_environment(gpus: int) -> None:
