@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -108,12 +107,15 @@ def embedded_run(owner: Path, work: Path) -> tuple[float, float]:
     env.update(PYTHONPATH=str(proj), V2M_ORCHESTRATION="embedded",
                PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
     code = "from flows.retrain import retrain; retrain(project_dir='.')"
-    before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", code], cwd=proj, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.exit(f"embedded retrain failed:\n{res.stderr[-3000:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.perf_counter() - t, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    log = work / "embedded.log"
+    t = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=proj, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # wait4: this process tree's own CPU time (the stopped stack's processes may be reaped meanwhile too)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"embedded retrain failed:\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - t, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
