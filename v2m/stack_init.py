@@ -38,7 +38,7 @@ def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords:
     template = Path(__file__).resolve().parents[1] / "infra" / "work-pools" / "gpu-a40-process.json"
     cpu_template = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
     with cpu_template:
-        json.dump(cpu_job_template(), cpu_template)
+        json.dump(cpu_job_template(prefect, env), cpu_template)
     for cmd in ([prefect, "work-pool", "create", "gpu-a40", "--type", "process", "--base-job-template",
                  str(template), "--overwrite"],
                 [prefect, "work-pool", "create", "cpu", "--type", "process", "--base-job-template",
@@ -53,11 +53,13 @@ def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords:
     os.unlink(cpu_template.name)
 
 
-def cpu_job_template() -> dict:
+def cpu_job_template(prefect: str, env: dict[str, str]) -> dict:
     """The cpu pool's job template: Prefect's process template, started through v2m.warm like the gpu-a40
-    pool's (infra/work-pools/gpu-a40-process.json)."""
-    from prefect.workers.process import ProcessWorker
-    template = ProcessWorker.get_default_base_job_template()
+    pool's (infra/work-pools/gpu-a40-process.json). Read through the CLI: importing Prefect here would fix this
+    process's Prefect settings before the caller points them at the stack."""
+    res = subprocess.run([prefect, "work-pool", "get-default-base-job-template", "--type", "process"], env=env,
+                         capture_output=True, text=True, check=True)
+    template = json.loads(res.stdout)
     template["variables"]["properties"]["command"]["default"] = WARM_COMMAND
     return template
 

@@ -151,3 +151,17 @@ def test_importing_v2m_creates_a_missing_prefect_home_so_a_fresh_clone_can_start
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert home.is_dir() and "Failed to create the Prefect home directory" not in res.stderr
+
+
+def test_the_cpu_pools_template_starts_flow_runs_through_the_zygote_without_importing_prefect_here() -> None:
+    """`v2m stack up` builds it before the caller points Prefect's settings at the stack: importing Prefect
+    in that process then would have aimed the caller's Prefect client at a temporary server."""
+    code = ("import json, os, sys; from pathlib import Path; from v2m.stack_init import cpu_job_template; "
+            "t = cpu_job_template(str(Path(sys.executable).parent / 'prefect'), dict(os.environ)); "
+            "print(json.dumps([t['variables']['properties']['command']['default'], 'prefect' in sys.modules]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    command, imported = json.loads(res.stdout.strip().splitlines()[-1])
+    assert command == "python -m v2m.warm run" and not imported
+    tpl = json.loads((ROOT / "infra" / "work-pools" / "gpu-a40-process.json").read_text())
+    assert tpl["variables"]["properties"]["command"]["default"] == command  # both pools start warm
