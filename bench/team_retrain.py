@@ -57,6 +57,9 @@ def team_run(work: Path, gpus: int) -> tuple[float, dict, Path]:
         deploy_all(load_params(owner / "params.yaml"), owner, st.client_env("cpu"))
         st.worker("cpu", work / "cpu-host")
         st.worker("gpu-a40", work / "gpu-host", gpu_ids=[str(i) for i in range(gpus)])
+        ready = time.monotonic() + 120  # hosts that are up: their zygotes have imported the libraries (v2m/warm.py)
+        while not all((work / h / "warm.sock").exists() for h in ("cpu-host", "gpu-host")) and time.monotonic() < ready:
+            time.sleep(1)
         from prefect.client.orchestration import get_client
         from prefect.deployments import run_deployment
         before = {b: s3_keys(st, b) for b in ("v2m-dvc", "v2m-mlflow", "v2m-checkpoints", "v2m-results")}
