@@ -2,13 +2,16 @@
 folders, code from git, data through the DVC S3 remote, models through MLflow, results on S3) against the
 same retrain embedded in one process, and the bytes that moved through S3 per step.
 
-    python bench/team_retrain.py
+    python bench/team_retrain.py [--gpus N]
 
-Same tiny data and step counts as tests/flows/test_team_e2e.py (without the lost host). Prints the figures.
+Same tiny data and step counts as tests/flows/test_team_e2e.py (without the lost host). Prints the figures,
+with each step's phases from the flow-run timeline (flows/timeline.py). --gpus N: the GPU host runs N jobs at
+once (the `gpu` limit N); here they share this machine's CPU cores.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import shutil
@@ -21,31 +24,52 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+
+from flows.timeline import format_timeline, timeline  # noqa: E402
 from tests.flows.team_project import TEAM, merge, publish_project, s3_keys  # noqa: E402
-from v2m.stack import NOT_INHERITED, Stack  # noqa: E402
+from v2m.stack import NOT_INHERITED, Stack, _descendants  # noqa: E402
 
 SETTINGS = merge(TEAM, {"train": {"musicgen": {"max_steps": 6}}})
 
 
-def team_run(work: Path) -> tuple[float, dict, Path]:
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of these processes, their live descendants and the children they reaped: all
+    the team stack spends (servers, workers, their zygotes and every flow run), whatever else loads the host."""
+    total = 0
+    for pid in {d for p in pids for d in (p, *_descendants(p))}:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def team_run(work: Path, gpus: int) -> tuple[float, dict, Path]:
     from flows.deploy import deploy_all
     from v2m.config import load_params
     st = Stack(work / "stack")
-    st.up(servers_only=True, gpus=1)
+    st.up(servers_only=True, gpus=gpus)
     try:
         os.environ.update(st.client_env("cpu"))
         owner, _ = publish_project(st, work, SETTINGS)
         deploy_all(load_params(owner / "params.yaml"), owner, st.client_env("cpu"))
         st.worker("cpu", work / "cpu-host")
-        st.worker("gpu-a40", work / "gpu-host")
+        st.worker("gpu-a40", work / "gpu-host", gpu_ids=[str(i) for i in range(gpus)])
+        ready = time.monotonic() + 120  # hosts that are up: their zygotes have imported the libraries (v2m/warm.py)
+        while not all((work / h / "warm.sock").exists() for h in ("cpu-host", "gpu-host")) and time.monotonic() < ready:
+            time.sleep(1)
         from prefect.client.orchestration import get_client
         from prefect.deployments import run_deployment
         before = {b: s3_keys(st, b) for b in ("v2m-dvc", "v2m-mlflow", "v2m-checkpoints", "v2m-results")}
-        t = time.perf_counter()
+        pids = list(st.state()["pids"].values())
+        cpu, t = cpu_seconds(pids), time.perf_counter()
         parent = run_deployment("retrain/retrain-manual", timeout=None)
-        wall = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, cpu_seconds(pids) - cpu
         assert parent.state.is_completed(), parent.state
         out = parent.state.result()
+        steps = timeline(parent.id)
 
         async def step_runs():
             async with get_client() as client:
@@ -53,7 +77,7 @@ def team_run(work: Path) -> tuple[float, dict, Path]:
         runs = [r for r in asyncio.run(step_runs()) if r.state.is_completed() and r.deployment_id]
         after = {b: s3_keys(st, b) for b in before}
         moved = {b: {k: v for k, v in after[b].items() if before[b].get(k) != v} for b in after}
-        report = {"out": out, "moved": moved, "pulled": {}}
+        report = {"out": out, "moved": moved, "pulled": {}, "timeline": steps, "cpu": cpu}
         for r in runs:
             try:
                 res = r.state.result()
@@ -66,28 +90,51 @@ def team_run(work: Path) -> tuple[float, dict, Path]:
         st.down()
 
 
-def embedded_run(owner: Path, work: Path) -> float:
+def embedded_settings(params: dict) -> dict:
+    """The team project's params without what only team mode has: the S3 DVC remote and S3 checkpoints. A
+    checkpoint_uri left in made the embedded retrain read S3 with no stack and no keys (NoCredentialsError
+    in download_latest): the team settings leaked into the baseline."""
+    params = merge(params, {"orchestration": {"mode": "embedded"}, "dvc": {"remote": "local"}})
+    for backend in ("musicgen", "audioldm"):
+        params["train"].get(backend, {}).pop("checkpoint_uri", None)
+    return params
+
+
+def embedded_run(owner: Path, work: Path) -> tuple[float, float]:
     """The same project and settings, one process, local DVC remote, embedded MLflow and Prefect."""
     proj = work / "embedded"
     shutil.copytree(owner, proj, ignore=shutil.ignore_patterns(".v2m"))
+    params = embedded_settings(yaml.safe_load((proj / "params.yaml").read_text()))
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(NOT_INHERITED)}
     env.update(PYTHONPATH=str(proj), V2M_ORCHESTRATION="embedded",
                PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
     code = "from flows.retrain import retrain; retrain(project_dir='.')"
+    log = work / "embedded.log"
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", code], cwd=proj, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.exit(f"embedded retrain failed:\n{res.stderr[-3000:]}")
-    return time.perf_counter() - t
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=proj, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # wait4: this process tree's own CPU time (the stopped stack's processes may be reaped meanwhile too)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"embedded retrain failed:\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - t, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpus", type=int, default=1, help="jobs the GPU host runs at once")
+    args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="v2m-team-bench-"))
     try:
-        team_wall, report, owner = team_run(work)
-        emb_wall = embedded_run(owner, work)
-        print(f"team retrain (2 hosts): {team_wall:7.1f} s")
-        print(f"embedded retrain:       {emb_wall:7.1f} s   team / embedded = {team_wall / emb_wall:.2f}")
+        team_wall, report, owner = team_run(work, args.gpus)
+        emb_wall, emb_cpu = embedded_run(owner, work)
+        print(format_timeline(report["timeline"]))
+        print(f"team retrain (2 hosts, {args.gpus} GPU job(s) at once): {team_wall:7.1f} s wall, "
+              f"{report['cpu']:7.1f} s CPU (servers, workers and flow runs)")
+        print(f"embedded retrain: {emb_wall:7.1f} s wall, {emb_cpu:7.1f} s CPU   team / embedded = "
+              f"{team_wall / emb_wall:.2f} (wall), {report['cpu'] / emb_cpu:.2f} (CPU); load average now "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         moved = report["moved"]
         dvc = moved["v2m-dvc"]
         print(f"prepare-data -> S3 (dvc push + version files): {sum(dvc.values()):,} bytes in {len(dvc)} objects")

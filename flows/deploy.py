@@ -1,11 +1,12 @@
 """`v2m stack deploy`: prefect.yaml's deployments, with the code source from params.yaml written into their
-pull steps, so every flow run clones the repository at the configured branch or commit on whatever host
-picks it up (git_clone accepts one of the two, never both).
+pull steps, so every flow run works in the repository at the configured branch or commit on whatever host
+picks it up: the host's checkout of that commit (v2m/checkout.py), made by its first run there and reused.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -20,12 +21,13 @@ from v2m.errors import UserError
 
 def pull_steps(code: CodeSource) -> list[dict[str, Any]]:
     if not code.repository:
-        raise UserError("params.yaml orchestration.code.repository: empty; team mode clones the code on every "
-                        "host, so set the git URL the workers can reach")
-    clone: dict[str, Any] = {"id": "clone", "repository": code.repository}
-    clone.update({"commit_sha": code.commit} if code.commit else {"branch": code.branch})
-    return [{"prefect.deployments.steps.git_clone": clone},
-            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ clone.directory }}"}}]
+        raise UserError("params.yaml orchestration.code.repository: empty; team mode checks the code out on "
+                        "every host, so set the git URL the workers can reach")
+    pin = ["--commit", code.commit] if code.commit else ["--branch", code.branch]
+    script = shlex.join(["python", "-m", "v2m.checkout", "--repository", code.repository, *pin])
+    return [{"prefect.deployments.steps.run_shell_script": {"id": "checkout", "script": script,
+                                                            "stream_output": False}},
+            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ checkout.stdout }}"}}]
 
 
 def resolved_spec(params: Params, root: Path) -> dict[str, Any]:

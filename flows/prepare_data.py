@@ -10,17 +10,19 @@ Returns the data version (dvc hashes + git revision + stats); training runs log 
 
 from __future__ import annotations
 
+import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.handoff import publish, pull_raw
-from tasks.orchestration import gpu_slot, team_mode
+from tasks.handoff import publish, pull_raw, workspace_lock
+from tasks.orchestration import gpu_slot, project_params, team_mode
 from tasks.data.versioning import (adopt_stages, check_source, data_version_task, dataset_stats_task, push_task,
                                    record_version, reproduce, reproduce_task, stage_locks, track_raw_task)
-from v2m.config import Params, load_params
+from v2m.config import Params
 
 SEPARATE = "separate"
 
@@ -50,10 +52,10 @@ def separate_flow(project_dir: str = ".") -> dict[str, Any]:
     """The separate stage as a step of its own (a deployment on the gpu-a40 pool). In team mode it pulls the
     songs at its clone's revision (data/mixes.dvc), and pushes the separated data/raw to the DVC remote;
     returns the stage's dvc.lock entries for prepare-data to adopt."""
-    from flows.steps import project_params
     from tasks.handoff import _remote  # the team's S3 remote, its endpoint from the environment
     root, params = project_params(project_dir)
     team = team_mode(params)
+    # No workspace_lock here: prepare-data holds it while it waits for this step, maybe in this same checkout.
     if team:
         pull_raw(root, params)
     ran = _separate(root, params)
@@ -69,26 +71,29 @@ def _separate(root: Path, params: Params) -> list[str]:
 
 @flow(name="prepare-data")
 def prepare_data(project_dir: str = ".", push: bool = False) -> dict[str, Any]:
-    root = Path(project_dir).resolve()
-    params = load_params(root / "params.yaml")
+    root, params = project_params(project_dir)  # team mode: DVC's stage commands import this checkout's code
     log = get_run_logger()
     team = team_mode(params)
     check_source(root, params.data)
-    if team:  # another host: the raw data comes from the DVC remote at the revision this clone names
-        log.info("%s: %d files pulled from the DVC remote", params.data.input_dir, pull_raw(root, params))
-
-    raw_changed = track_raw_task(root, params.data.input_dir)
-    ran = separate_step(root, params) if params.data.mixes else []
-    ran += reproduce_task(root)
-    version = data_version_task(root)
-    version["stats"] = dataset_stats_task(root)
-    version["stages_run"] = ran
-    version["raw_changed"] = raw_changed
-    if push and not team:
-        version["pushed_files"] = push_task(root, params.dvc)
-    path = record_version(root, version)
-    if team:  # every output to the remote, and the files naming this version, for the steps on other hosts
-        version.update(publish(root, params, version["data_version"]))
+    # Team mode: this host's checkout is shared by the flow runs of this commit (v2m/checkout.py)
+    with workspace_lock(root) if team else nullcontext():
+        if team:  # another host: the raw data comes from the DVC remote at the revision this checkout names
+            started = time.perf_counter()
+            files = pull_raw(root, params)
+            log.info("data checkout: %s, %d files pulled from the DVC remote in %.1f s", params.data.input_dir,
+                     files, time.perf_counter() - started)
+        raw_changed = track_raw_task(root, params.data.input_dir)
+        ran = separate_step(root, params) if params.data.mixes else []
+        ran += reproduce_task(root)
+        version = data_version_task(root)
+        version["stats"] = dataset_stats_task(root)
+        version["stages_run"] = ran
+        version["raw_changed"] = raw_changed
+        if push and not team:
+            version["pushed_files"] = push_task(root, params.dvc)
+        path = record_version(root, version)
+        if team:  # every output to the remote, and the files naming this version, for the steps on other hosts
+            version.update(publish(root, params, version["data_version"]))
 
     log.info("data version %s (git %s); stages run: %s", version["data_version"],
              version["git_revision"], ", ".join(ran) or "none")

@@ -4,12 +4,16 @@
                           finetune -> evaluate (and the champion, on the same test set) -> register + promote
                   ->  baseline evaluation of the base model -> comparison report per backend
 
+In team mode the two backends' pipelines run side by side (their GPU steps share the gpu-a40 pool and its
+limit: with room for both they train at once, else one waits in the queue); embedded, one after the other.
+
 Unchanged data and settings make every fine-tune a cache hit (nothing trains). Steps run in-process in
 embedded mode and as deployments on the gpu-a40 / cpu pools in team mode (flows/steps.py).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +21,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.prepare_data import prepare_data
-from flows.steps import evaluate_flow, finetune_flow, model_inputs, project_params, promote_flow, run_step
+from flows.steps import (evaluate_flow, finetune_flow, model_inputs, project_params, promote_flow, run_step,
+                         side_by_side)
 from tasks.orchestration import team_mode
 from tasks.handoff import checkout
 from tasks.registry.registry import CHAMPION, alias_version, model_name
 from tasks.registry.report import compare_task
+from v2m.config import Params
 
 
 def outcome_line(decision: dict[str, Any]) -> str:
@@ -31,6 +37,38 @@ def outcome_line(decision: dict[str, Any]) -> str:
     if decision["reason"].startswith("decided before"):
         return decision["reason"]
     return f"kept out: {decision['reason']}"
+
+
+def backend_pipeline(params: Params, root: Path, backend: str, modes: list[str], presets: dict[str, str] | None,
+                     max_steps: int | None, version: dict[str, str], baseline: bool) -> list[dict[str, Any]]:
+    """One backend, each stage / variant in order: finetune -> evaluate (and the champion on the same test
+    set) -> register + promote; then (baseline) the base model's evaluation for the report, as a step of its
+    own (on the GPU pool in team mode; the report finds it cached). Returns one record per stage / variant."""
+    log = get_run_logger()
+    steps = []
+    for mode in modes:
+        ft = run_step(params, "finetune", finetune_flow, backend=backend, mode=mode, project_dir=str(root),
+                      presets=presets, max_steps=max_steps, **version)
+        ev = run_step(params, "evaluate", evaluate_flow, model=f"runs:/{ft['run_id']}", project_dir=str(root),
+                      presets=presets, backend=backend, **version)
+        champion = alias_version(backend, CHAMPION)
+        if champion:  # on the challenger's test set, on the GPU pool (a cache hit once done)
+            run_step(params, "evaluate", evaluate_flow, model=f"{model_name(backend)}/{champion}",
+                     project_dir=str(root), presets=presets, backend=backend, **version)
+        decision = run_step(params, "promote", promote_flow, backend=backend, run_id=ft["run_id"],
+                            eval_run_id=ev["run_id"], project_dir=str(root), **version)
+        log.info("%s %s: %s; v%s %s", backend, mode, "trained" if ft["trained"] else "cache hit",
+                 decision["version"], outcome_line(decision))
+        steps.append({"mode": mode, "run_id": ft["run_id"], "trained": ft["trained"],
+                      "eval_run_id": ev["run_id"], "version": decision["version"], "promoted": decision["promoted"],
+                      "reason": decision["reason"], "test_fingerprint": decision["test_fingerprint"],
+                      "champion_before": decision["champion_before"],
+                      "champion_eval_run_id": decision["champion_eval_run_id"],
+                      "gates": {g["name"]: g["status"] for g in decision["gates"]}})
+    if baseline and alias_version(backend, CHAMPION):  # what the report compares the champion with
+        run_step(params, "evaluate", evaluate_flow, model=f"base:{backend}", project_dir=str(root), presets=presets,
+                 backend=backend, **version)
+    return steps
 
 
 @flow(name="retrain", persist_result=True)
@@ -47,35 +85,20 @@ def retrain(project_dir: str = ".", backends: list[str] | None = None, musicgen_
     # Team mode: steps on other hosts check this version out of the DVC remote; embedded: the data is here.
     version = {"data_version": data["data_version"]} if team else {}
 
+    def pipeline(backend: str) -> list[dict[str, Any]]:
+        return backend_pipeline(params, root, backend, modes[backend], presets, max_steps, version, report)
+
     out: dict[str, Any] = {"data_version": data["data_version"], "backends": {}}
-    for backend in backends or params.retrain.backends:
-        steps = []
-        for mode in modes[backend]:
-            ft = run_step(params, "finetune", finetune_flow, backend=backend, mode=mode, project_dir=str(root),
-                          presets=presets, max_steps=max_steps, **version)
-            ev = run_step(params, "evaluate", evaluate_flow, model=f"runs:/{ft['run_id']}", project_dir=str(root),
-                          presets=presets, backend=backend, **version)
-            champion = alias_version(backend, CHAMPION)
-            if champion:  # on the challenger's test set, on the GPU pool (a cache hit once done)
-                run_step(params, "evaluate", evaluate_flow, model=f"{model_name(backend)}/{champion}",
-                         project_dir=str(root), presets=presets, backend=backend, **version)
-            decision = run_step(params, "promote", promote_flow, backend=backend, run_id=ft["run_id"],
-                                eval_run_id=ev["run_id"], project_dir=str(root), **version)
-            log.info("%s %s: %s; v%s %s", backend, mode, "trained" if ft["trained"] else "cache hit",
-                     decision["version"], outcome_line(decision))
-            steps.append({"mode": mode, "run_id": ft["run_id"], "trained": ft["trained"],
-                          "eval_run_id": ev["run_id"], "version": decision["version"], "promoted": decision["promoted"],
-                          "reason": decision["reason"], "test_fingerprint": decision["test_fingerprint"],
-                          "champion_before": decision["champion_before"],
-                          "champion_eval_run_id": decision["champion_eval_run_id"],
-                          "gates": {g["name"]: g["status"] for g in decision["gates"]}})
+    for backend, steps in side_by_side(params, pipeline, backends or params.retrain.backends).items():
         champion = alias_version(backend, CHAMPION)
         entry: dict[str, Any] = {"steps": steps, "champion": champion}
         if report and champion:
+            started = time.perf_counter()
             if team:  # the report generates with the champion here: it needs the test chunks of this version
                 checkout(root, params, data["data_version"], model_inputs(backend))
             index, _, _ = compare_task(params, root, [f"{model_name(backend)}@{CHAMPION}", f"base:{backend}"])
             entry["report"] = str(index)
+            log.info("report: %s in %.1f s", backend, time.perf_counter() - started)  # flows/timeline.py
         out["backends"][backend] = entry
 
     lines = [f"# Retrain on data `{out['data_version']}`", ""]

@@ -16,31 +16,35 @@ its host (tasks.orchestration.gpu_slot).
 
 from __future__ import annotations
 
+import contextvars
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from tasks.evaluation.evaluate import evaluate_task
 from tasks.handoff import checkout
-from tasks.orchestration import gpu_slot, team_mode
-from tasks.registry.promotion import earlier_decision, promote_task, register_task
+from tasks.orchestration import gpu_slot, project_params, team_mode
+from tasks.registry.promotion import earlier_decision, promote_task, promotion_lease, register_task
 from tasks.training.finetune import finetune_task
-from v2m.config import Params, load_params
-from v2m.tracking import setup_mlflow
+from tasks.training.retention import apply_retention
+from v2m.config import Params
 
 
-def project_params(project_dir: str, presets: dict[str, str] | None = None) -> tuple[Path, Params]:
-    root = Path(project_dir).resolve()
-    params = load_params(root / "params.yaml")
-    for backend, preset in (presets or {}).items():
-        params = params.model_copy(update={backend: getattr(params, backend).model_copy(update={"preset": preset})})
-    setup_mlflow(params, root)
-    if team_mode(params):  # DVC stages run `v2m ...`: they must import this clone's code, not an installed copy
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return root, params
+def pull_inputs(root: Path, params: Params, data_version: str, targets: list[str]) -> int:
+    """Team mode: check `targets` of that data version out of the DVC remote ("" = use the data here); returns
+    the bytes they hold. The log line's duration is the `data` phase of flows/timeline.py."""
+    if not data_version:
+        return 0
+    started = time.perf_counter()
+    size = checkout(root, params, data_version, targets)["bytes"]
+    get_run_logger().info("data checkout: %d bytes of %s in %.1f s", size, data_version[:12],
+                          time.perf_counter() - started)
+    return size
 
 
 def model_inputs(backend: str) -> list[str]:
@@ -56,23 +60,25 @@ def finetune_flow(backend: str, mode: str, project_dir: str = ".", presets: dict
     """data_version: team mode, check that version out of the DVC remote first ("" = use the data here).
     gpus: train this one run on that many GPUs of the host (torchrun, data parallel)."""
     root, params = project_params(project_dir, presets)
-    pulled = checkout(root, params, data_version, model_inputs(backend)) if data_version else {"bytes": 0}
+    pulled = pull_inputs(root, params, data_version, model_inputs(backend))
     with gpu_slot(gpus) as gpu:
         state = finetune_task(params, backend, mode, root, max_steps=max_steps, gpus=gpus, return_state=True)
     result = asdict(state.result())
     if state.name == "Cached":  # Prefect's cache: same data version and settings, nothing was trained
         result["trained"] = False
-    return {**result, "gpu": gpu, "data_bytes_pulled": pulled["bytes"]}
+    if result["trained"] and result["model_uri"]:  # finished here: its S3 checkpoints follow the retention rule
+        result["checkpoint_retention"] = apply_retention(params, backend, result["run_id"], result["run_dir"])
+    return {**result, "gpu": gpu, "data_bytes_pulled": pulled}
 
 
 @flow(name="evaluate", persist_result=True)
 def evaluate_flow(model: str, project_dir: str = ".", presets: dict[str, str] | None = None,
                   data_version: str = "", backend: str = "") -> dict[str, Any]:
     root, params = project_params(project_dir, presets)
-    pulled = checkout(root, params, data_version, model_inputs(backend)) if data_version else {"bytes": 0}
+    pulled = pull_inputs(root, params, data_version, model_inputs(backend))
     with gpu_slot() as gpu:
         res = evaluate_task(params, root, model)
-    return {"run_id": res.run_id, "backend": res.backend, "gpu": gpu, "data_bytes_pulled": pulled["bytes"],
+    return {"run_id": res.run_id, "backend": res.backend, "gpu": gpu, "data_bytes_pulled": pulled,
             "metrics": {k: v for k, v in res.metrics.items() if k.count("/") == 1}}
 
 
@@ -82,9 +88,9 @@ def promote_flow(backend: str, run_id: str, eval_run_id: str, project_dir: str =
     """data_version: team mode, fetch that version's test manifest first: the gates compare evaluations on
     the current test set, whose fingerprint comes from it ("" = use the data here)."""
     root, params = project_params(project_dir)
-    if data_version:
-        checkout(root, params, data_version, [f"data/segments/{backend}.jsonl"])
-    version = register_task(run_id, backend, eval_run_id)
+    pull_inputs(root, params, data_version, [f"data/segments/{backend}.jsonl"])
+    with promotion_lease(params, backend, f"register {run_id}"):  # two hosts registering one run: one version
+        version = register_task(run_id, backend, eval_run_id)
     # A version decided before (an unchanged re-run) keeps its decision; see earlier_decision.
     decision = earlier_decision(backend, version) or promote_task(params, root, backend, version)
     return decision.as_dict()
@@ -104,10 +110,22 @@ def run_step(params: Params, step: str, fn, **parameters: Any) -> Any:
     name = params.orchestration.deployments[step]
     parameters = {k: v for k, v in parameters.items() if k != "project_dir"}
     for attempt in range(1, params.orchestration.step_attempts + 1):
-        # poll every 2 s (Prefect's default 5 s added 2.5 s to each of a retrain's ~10 steps)
-        flow_run = run_deployment(name, parameters=parameters, timeout=None, poll_interval=2)
+        # poll every second (Prefect's default 5 s added 2.5 s to each of a retrain's ~10 steps)
+        flow_run = run_deployment(name, parameters=parameters, timeout=None, poll_interval=1)
         if flow_run.state.is_completed():
             return flow_run.state.result()
         if not flow_run.state.is_crashed() or attempt == params.orchestration.step_attempts:
             break
     raise RuntimeError(f"deployment {name} ended {flow_run.state.name}: {flow_run.state.message}")
+
+
+def side_by_side(params: Params, work: Callable[[str], Any], items: list[str]) -> dict[str, Any]:
+    """work(item) for each item: at once in team mode (each thread only waits on deployments, which the work
+    pools and the `gpu` limit schedule), one after the other embedded (the steps run in this process). Results
+    in the order of `items`; a failure is raised once every item has finished (the others' work is kept)."""
+    if not team_mode(params) or len(items) < 2:
+        return {item: work(item) for item in items}
+    with ThreadPoolExecutor(len(items), thread_name_prefix="side-by-side") as pool:
+        # each thread runs in a copy of this context: Prefect's flow-run context links the steps to the parent
+        futures = {item: pool.submit(contextvars.copy_context().run, work, item) for item in items}
+        return {item: future.result() for item, future in futures.items()}

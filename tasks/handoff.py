@@ -4,14 +4,19 @@ The CPU host that prepared the data pushes every DVC output and publishes the sm
 (dvc.lock, data/*.dvc, the data version record) under `<remote bucket>/versions/<data_version>/`. A step on
 another host checks out exactly that version: it fetches those files, then `dvc pull`s only the outputs it
 reads (a fine-tune: its backend's cached model inputs, not the raw audio).
+
+The flow runs of one commit on one host share that host's checkout (v2m/checkout.py): what one pulled, the
+next finds. Their DVC work there is serialised by `workspace_lock`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from v2m.config import DvcConfig, Params
 from v2m.errors import UserError
@@ -21,6 +26,18 @@ VERSION_FILES = ("dvc.lock", ".v2m/data_version.json")  # plus every data/*.dvc
 
 class DataVersionError(UserError, ValueError):
     """The data version asked for was never published, or the remote is not S3."""
+
+
+@contextmanager
+def workspace_lock(root: Path) -> Iterator[None]:
+    """One flow run at a time does DVC work (pull, repro, push) in a checkout that several share. A lock on a
+    local folder for that folder only (the kernel drops it when its holder exits or dies); it decides nothing
+    between hosts."""
+    path = Path(root) / ".v2m" / "workspace.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _remote(params: Params) -> tuple[DvcConfig, str, str]:
@@ -67,6 +84,11 @@ def pull_raw(root: Path, params: Params) -> int:
 
 def checkout(root: Path, params: Params, data_version: str, targets: list[str]) -> dict[str, Any]:
     """Make `root` hold data version `data_version` for `targets` (DVC outputs, e.g. data/cache/musicgen)."""
+    with workspace_lock(root):
+        return _checkout(root, params, data_version, targets)
+
+
+def _checkout(root: Path, params: Params, data_version: str, targets: list[str]) -> dict[str, Any]:
     from botocore.exceptions import ClientError
 
     from tasks.data.versioning import _repo, configure_remote

@@ -1,4 +1,5 @@
-"""What the Prefect task wrappers share: which failures are worth a retry, and what keys their caches.
+"""What the steps and their Prefect task wrappers share: a step's params, which failures are worth a retry,
+what keys their caches, and a host's GPUs.
 
 Transient failures (a storage server or the network not answering) are retried; deterministic ones (a bad
 config, bad data, a bug) are not: retrying them only delays the error the user has to fix.
@@ -16,7 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from v2m.config import Params, load_params
 from v2m.errors import UserError
+from v2m.tracking import setup_mlflow
 
 NON_TRANSIENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
@@ -25,6 +28,18 @@ def team_mode(params) -> bool:
     """Steps as deployments on the work pools (team) or in this process (embedded): params.yaml
     orchestration.mode, overridden by the environment variable V2M_ORCHESTRATION."""
     return (os.environ.get("V2M_ORCHESTRATION") or params.orchestration.mode) == "team"
+
+
+def project_params(project_dir: str, presets: dict[str, str] | None = None) -> tuple[Path, Params]:
+    """A step's project folder and params (with `presets` chosen), MLflow pointed at the configured store."""
+    root = Path(project_dir).resolve()
+    params = load_params(root / "params.yaml")
+    for backend, preset in (presets or {}).items():
+        params = params.model_copy(update={backend: getattr(params, backend).model_copy(update={"preset": preset})})
+    setup_mlflow(params, root)
+    if team_mode(params):  # DVC stages run `v2m ...`: they must import this clone's code, not an installed copy
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return root, params
 
 
 def is_transient(exc: BaseException | None) -> bool:

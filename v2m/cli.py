@@ -280,6 +280,9 @@ def train_cmd(backend: Annotated[str, typer.Option(help="musicgen or audioldm.")
     mode = stage or variant or "voice"
     with user_errors():
         res = finetune(p, backend, mode, Path.cwd(), init_from=init_from, max_steps=max_steps, gpus=gpus)
+        if res.trained and res.model_uri:  # finished: its S3 checkpoints follow train.retention
+            from tasks.training.retention import apply_retention
+            apply_retention(p, backend, res.run_id, res.run_dir)
     what = "trained" if res.trained else "already trained (cache hit)"
     console.print(f"{backend} {mode}: {what}; run {res.run_id}; model {res.model_uri}")
     report({"run_id": res.run_id, "model_dir": res.model_dir, "model_uri": res.model_uri,

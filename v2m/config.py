@@ -234,6 +234,10 @@ class OrchestrationConfig(Strict):
     gpu_hosts: dict[str, int] = {"local": 1}  # GPU host -> its GPU count; their sum is the `gpu` limit
     code: CodeSource = CodeSource()
     step_attempts: int = Field(2, ge=1)  # a step whose flow run crashed (its host was lost) is started again
+    # Promotions and rollbacks hold a lease in the MLflow registry (tasks/registry/lease.py): a holder that
+    # stops renewing it (killed, host lost) loses it after registry_lease_s; others wait up to registry_wait_s.
+    registry_lease_s: float = Field(30.0, ge=1)
+    registry_wait_s: float = Field(300.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "OrchestrationConfig":

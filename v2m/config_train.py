@@ -72,6 +72,14 @@ def resolve_train(profile: TrainConfig, overrides) -> TrainConfig:
     return TrainConfig.model_validate({**profile.model_dump(), **overrides.model_dump(exclude_none=True)})
 
 
+class RetentionConfig(Strict):
+    """A finished run's S3 checkpoints (tasks/training/retention.py): its final one and the keep_last newest
+    before it stay; the others are deleted, and the run's MLflow run records which."""
+    prune: bool = True
+    keep_last: int = Field(2, ge=0)
+
+
 class TrainSection(Strict):
     musicgen: TrainOverrides = TrainOverrides()
     audioldm: TrainOverrides = TrainOverrides()
+    retention: RetentionConfig = RetentionConfig()

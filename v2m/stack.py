@@ -31,6 +31,7 @@ from v2m.stack_init import (BUCKETS, DEFAULT_PERMISSION, HEARTBEAT_S, QUIET, RES
                             init_services)
 
 POOLS = {"cpu": "process", "gpu-a40": "process"}  # here both pools run as local process workers
+AUTH_CACHE_S = 60  # MLflow basic auth: how long a checked password stays checked (a changed one: at most this)
 # S3 keys per host role, each reaching only the buckets that role needs ("r" read, "rw" read and write).
 # The MLflow server alone holds the artifact bucket: clients reach artifacts through it (proxied).
 S3_ROLES = {"mlflow": {"v2m-mlflow": "rw"},
@@ -154,8 +155,11 @@ class Stack:
 
         mlflow_port, prefect_port = free_port(), free_port()
         auth_ini = self.state_dir / "mlflow-auth.ini"  # no secret in it: the admin password comes by environment
+        # auth_cache_ttl_seconds: a verified user/password pair is believed for that long instead of re-hashing
+        # the password (scrypt) on every request: ~0.8 s of server CPU per MLflow call on 2 loaded cores.
         auth_ini.write_text(f"[mlflow]\ndefault_permission = {DEFAULT_PERMISSION}\n"
-                            f"database_uri = sqlite:///{self.state_dir / 'mlflow-auth.db'}\nadmin_username = admin\n")
+                            f"database_uri = sqlite:///{self.state_dir / 'mlflow-auth.db'}\nadmin_username = admin\n"
+                            f"auth_cache_ttl_seconds = {AUTH_CACHE_S}\n")
         st["pids"]["mlflow"] = self._spawn("mlflow", [
             str(bindir / "mlflow"), "server", "--app-name", "basic-auth", "--host", self.host,
             "--port", str(mlflow_port), "--backend-store-uri", f"sqlite:///{self.state_dir / 'mlflow.db'}",
@@ -180,11 +184,14 @@ class Stack:
         return self.state()
 
     # --- workers: each one a separate "machine" -----------------------------------------------------------
-    def worker(self, pool: str, directory: Path, gpu_ids: list[str] | None = None, name: str = "") -> str:
+    def worker(self, pool: str, directory: Path, gpu_ids: list[str] | None = None, name: str = "",
+               queue: str = "") -> str:
         """Start a process worker for `pool` in `directory` (created empty if missing) with only the service
-        URLs and its role's credentials: no project files, no PYTHONPATH; flow runs clone the code themselves.
+        URLs and its role's credentials: no project files, no PYTHONPATH; flow runs check the code out themselves
+        (into <directory>/checkouts, one folder per commit, reused).
         A GPU host with gpu_ids runs up to len(gpu_ids) jobs at once, each pinned to one id (tasks.orchestration
-        .gpu_slot). Returns the worker's name in the state file."""
+        .gpu_slot). `queue`: serve only that work queue of the pool (a flow run can then be sent to this host).
+        Returns the worker's name in the state file."""
         if pool not in POOL_ROLE:
             raise ValueError(f"unknown work pool {pool!r}; choose one of {', '.join(POOL_ROLE)}")
         directory = Path(directory).resolve()
@@ -194,14 +201,21 @@ class Stack:
                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
                # Prefect's default poll is 10 s: every step of a team retrain waited 5 s on average to start.
                "PREFECT_WORKER_QUERY_SECONDS": str(WORKER_POLL_S),
-               "TMPDIR": str(directory / "tmp"), "V2M_GPU_LOCK_DIR": str(directory / ".gpu-locks")}
+               "TMPDIR": str(directory / "tmp"), "V2M_GPU_LOCK_DIR": str(directory / ".gpu-locks"),
+               # the host's checkouts, one per commit, reused by its flow runs (v2m/checkout.py); the pull step
+               # runs `python -m v2m.checkout` with this environment's python
+               "V2M_CHECKOUT_CACHE": str(directory / "checkouts"),
+               "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")])}
         limit: list[str] = []
         if pool != "cpu":  # the cpu pool has no limit: the parent flow waits there for its cpu steps
             env["V2M_GPU_IDS"] = ",".join(gpu_ids or [])
             limit = ["--limit", str(max(1, len(gpu_ids or [])))]
         bindir = Path(sys.executable).parent
-        pid = self._spawn(name, [str(bindir / "prefect"), "worker", "start", "--pool", pool, "--type", POOLS[pool],
-                                 "--name", name, "--install-policy", "never", *limit], env, cwd=directory)
+        worker = [str(bindir / "prefect"), "worker", "start", "--pool", pool, "--type", POOLS[pool], "--name", name,
+                  "--install-policy", "never", *limit, *(["--work-queue", queue] if queue else [])]
+        # the worker, with its zygote as its child: flow runs start as forks of it (v2m/warm.py)
+        warm = [sys.executable, "-m", "v2m.warm", "host", str(directory / "warm.sock"), "--"]
+        pid = self._spawn(name, [*warm, *worker], env, cwd=directory)
         st = self.state()
         st["pids"][name] = pid
         self._save(st)

@@ -14,9 +14,11 @@ Both experiments are created here, by the admin, so that the grants have an expe
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from v2m.errors import UserError
@@ -28,10 +30,12 @@ WRITERS = ("cpu", "gpu")  # roles that log runs and register, tag and promote mo
 GRANTS = ("experiment", "registered_model")  # EDIT on every one of these, for each writer
 ONLINE_EXPERIMENT, AUDIT_EXPERIMENT = "voice2music-online", "voice2music-audit"
 REGISTERED_MODELS = ("voice2music-musicgen", "voice2music-audioldm")
-# serve.rollout's roles: EDIT on exactly these (experiments by name, registered models by name)
+# serve.rollout's roles: EDIT on exactly these (experiments by name, registered models by name). A rollback
+# holds the registry lease first: its tickets are versions of `<model>.lease` (tasks/registry/lease.py).
 ROLLOUT_ROLES = {"rollout": {"experiment": [ONLINE_EXPERIMENT]},
                  "rollback": {"experiment": [ONLINE_EXPERIMENT, AUDIT_EXPERIMENT],
-                              "registered_model": list(REGISTERED_MODELS)}}
+                              "registered_model": [*REGISTERED_MODELS, *(f"{m}.lease" for m in REGISTERED_MODELS)]}}
+WARM_COMMAND = "python -m v2m.warm run"  # a flow run's process: a fork of its host's zygote (v2m/warm.py)
 QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
          "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -66,9 +70,13 @@ def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords:
                 grant(user, kind, experiments[name] if kind == "experiment" else name)
     prefect, env = str(Path(sys.executable).parent / "prefect"), {**env, **QUIET}
     template = Path(__file__).resolve().parents[1] / "infra" / "work-pools" / "gpu-a40-process.json"
+    cpu_template = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    with cpu_template:
+        json.dump(cpu_job_template(prefect, env), cpu_template)
     for cmd in ([prefect, "work-pool", "create", "gpu-a40", "--type", "process", "--base-job-template",
                  str(template), "--overwrite"],
-                [prefect, "work-pool", "create", "cpu", "--type", "process", "--overwrite"],
+                [prefect, "work-pool", "create", "cpu", "--type", "process", "--base-job-template",
+                 cpu_template.name, "--overwrite"],
                 [prefect, "concurrency-limit", "delete", "gpu"],
                 [prefect, "concurrency-limit", "create", "gpu", str(gpus)],
                 [sys.executable, "-c", RESULTS_BLOCK_SCRIPT, s3_url],
@@ -76,6 +84,18 @@ def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords:
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode != 0 and "delete" not in cmd and "already exists" not in res.stdout + res.stderr:
             raise RuntimeError(f"{' '.join(cmd[1:4])} failed: {res.stdout[-500:]}{res.stderr[-500:]}")
+    os.unlink(cpu_template.name)
+
+
+def cpu_job_template(prefect: str, env: dict[str, str]) -> dict:
+    """The cpu pool's job template: Prefect's process template, started through v2m.warm like the gpu-a40
+    pool's (infra/work-pools/gpu-a40-process.json). Read through the CLI: importing Prefect here would fix this
+    process's Prefect settings before the caller points them at the stack."""
+    res = subprocess.run([prefect, "work-pool", "get-default-base-job-template", "--type", "process"], env=env,
+                         capture_output=True, text=True, check=True)
+    template = json.loads(res.stdout)
+    template["variables"]["properties"]["command"]["default"] = WARM_COMMAND
+    return template
 
 
 def _experiment_id(url: str, admin: tuple[str, str], name: str) -> str:
@@ -126,7 +146,7 @@ RemoteFileSystem(basepath="s3://v2m-results/prefect",
 # heartbeat every HEARTBEAT_S, and this automation marks a run Crashed when they stop for LOST_AFTER_S
 # (Prefect's documented zombie-run detection). The parent (flows.steps.run_step) then starts the step again.
 HEARTBEAT_S, LOST_AFTER_S = 30, 75
-WORKER_POLL_S = 3  # how often a worker asks for scheduled flow runs (a few workers: negligible load)
+WORKER_POLL_S = 1  # how often a worker asks for scheduled flow runs (a few workers: negligible load)
 LOST_RUNS_SCRIPT = """
 import sys
 from datetime import timedelta

@@ -3,27 +3,27 @@
     evidence = the candidate's and the champion's evaluations on the same test set (fingerprint) and
                settings: the champion is re-evaluated on the candidate's test set when needed (cached)
     decision = gates(evidence, policy)   (tasks/registry/gates.py; computed without a lock)
-    with the registry lock:
+    with the registry lease (tasks/registry/lease.py: one holder at a time on every host):
         if champion is still the one the decision was computed against and every gate passed:
             champion := candidate
         record the outcome as version tags (promotion.*, with the fingerprint and both evaluation runs)
-        and an audit entry
+        and an audit entry; if any of these writes fails, the alias and the tags go back to what they were
 
 A rolled-back version (tag promotion.rolled_back) is never promoted again by a retrain or a schedule: its
 `not_rolled_back` gate fails. `v2m promote --reinstate` is the explicit way back; it is audited as a
 `reinstate` entry and tags the version promotion.reinstated.
 
-The lock is a file lock under .v2m/locks/ (one host: the embedded store, or a team stack whose promotions
-run on one CPU worker). If the champion moved after the decision was computed, the promotion is refused:
-two concurrent promotions end with exactly one champion and two audit entries.
+The lease lives in the registry itself, so promotions on several CPU hosts (or several local processes on
+the embedded store) are serialised, and a crashed holder's lease expires after orchestration.registry_lease_s.
+If the champion moved after the decision was computed, the promotion is refused: two concurrent promotions of
+two versions end with exactly one champion and two audit entries; two of the same version, with one champion
+and one audit entry (the second finds it champion already and decides nothing).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks.evaluation.evaluate import EvalResult
 from tasks.registry.gates import FAIL, WAITING, Evidence, GateResult, run_gates
+from tasks.registry.lease import registry_lease
 from tasks.registry.registry import (CHALLENGER, CHAMPION, alias_version, audit, audit_history, model_name,
                                      version_tags)
 from v2m.config import Params
@@ -87,24 +88,10 @@ def evaluation_of(params: Params, root: Path, backend: str, version: str) -> Eva
     return evaluate(params, root, f"{model_name(backend)}/{version}")
 
 
-@contextmanager
-def registry_lock(root: Path, backend: str, timeout_s: float = 120.0):
-    path = Path(root) / ".v2m" / "locks" / f"{model_name(backend)}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{path}: registry lock held for over {timeout_s} s")
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def promotion_lease(params: Params, backend: str, purpose: str):
+    """The registry lease of a backend's registered model, with the TTL and wait from params.yaml."""
+    orch = params.orchestration
+    return registry_lease(model_name(backend), orch.registry_lease_s, orch.registry_wait_s, purpose)
 
 
 def _record(client: MlflowClient, name: str, d: Decision) -> None:
@@ -156,34 +143,48 @@ def promote(params: Params, root: Path, backend: str, version: str | None = None
     A rolled-back version is refused unless `reinstate` (the explicit, audited way back)."""
     d = decision or decide(params, root, backend, version, approved, reinstate)
     client, name = MlflowClient(), model_name(backend)
-    with registry_lock(root, backend):
+    with promotion_lease(params, backend, f"promote v{d.version}") as lease:
         now = alias_version(backend, CHAMPION)
-        if now != d.champion_before:
-            d.reason = f"champion changed from v{d.champion_before} to v{now} after the decision; re-run promote"
-        elif d.version == now:  # nothing to decide (an unchanged re-run): no tags, no audit entry
+        if d.version == now:  # an unchanged re-run, or another host promoted it meanwhile: nothing to decide
             d.reason = f"v{d.version} is already champion"
             return d
+        if now != d.champion_before:
+            d.reason = f"champion changed from v{d.champion_before} to v{now} after the decision; re-run promote"
         elif not d.passed:
             failed = [g.name for g in d.gates if g.status == FAIL]
             d.reason = ("failed gates: " + ", ".join(failed)) if failed else "waiting for: " + ", ".join(d.waiting)
         else:
-            client.set_registered_model_alias(name, CHAMPION, d.version)
             d.promoted = True
             d.reason = "reinstated: all gates passed" if reinstate else "all gates passed"
+        tags_before = version_tags(backend, d.version)
         try:
+            lease.check()  # still ours: nothing is written by a holder whose lease was taken over
+            if d.promoted:
+                client.set_registered_model_alias(name, CHAMPION, d.version)
             _record(client, name, d)
-        except Exception:
-            if d.promoted:  # a failed promotion leaves the registry as it was
-                if d.champion_before:
-                    client.set_registered_model_alias(name, CHAMPION, d.champion_before)
-                else:
-                    client.delete_registered_model_alias(name, CHAMPION)
+            action = {"promoted": "reinstate" if d.reinstate else "promote", "waiting": "wait",
+                      "refused": "refuse"}[d.outcome]
+            audit(params, root, backend, action, d.version, d.champion_before, alias_version(backend, CHAMPION),
+                  d.as_dict())
+        except BaseException:
+            _restore(client, name, d, tags_before)  # a failed promotion leaves the registry as it was
+            d.promoted = False
             raise
-        action = {"promoted": "reinstate" if d.reinstate else "promote", "waiting": "wait",
-                  "refused": "refuse"}[d.outcome]
-        audit(params, root, backend, action, d.version, d.champion_before, alias_version(backend, CHAMPION),
-              d.as_dict())
     return d
+
+
+def _restore(client: MlflowClient, name: str, d: Decision, tags_before: dict[str, str]) -> None:
+    """Undo a promotion's writes: the champion alias as it was, the version's promotion.* tags as they were."""
+    if d.promoted:
+        if d.champion_before:
+            client.set_registered_model_alias(name, CHAMPION, d.champion_before)
+        else:
+            client.delete_registered_model_alias(name, CHAMPION)
+    for key in [k for k in version_tags(d.backend, d.version) if k.startswith("promotion.")]:
+        if key in tags_before:
+            client.set_model_version_tag(name, d.version, key, tags_before[key])
+        else:
+            client.delete_model_version_tag(name, d.version, key)
 
 
 def earlier_decision(backend: str, version: str) -> Decision | None:
@@ -210,7 +211,7 @@ def rollback(params: Params, root: Path, backend: str, expected: str | None = No
     """Restore the champion that the current one replaced; returns (from, to). With `expected`, only if the
     champion is still that version (an automatic rollback judged it: it must not roll back its successor)."""
     client, name = MlflowClient(), model_name(backend)
-    with registry_lock(root, backend):
+    with promotion_lease(params, backend, "rollback") as lease:
         current = alias_version(backend, CHAMPION)
         if current is None:
             raise PromotionError(f"{name}: no champion to roll back")
@@ -221,6 +222,7 @@ def rollback(params: Params, root: Path, backend: str, expected: str | None = No
         previous = promotions[-1]["champion_before"] if promotions else "None"
         if previous in ("None", ""):
             raise PromotionError(f"{name}: v{current} has no previous champion to roll back to")
+        lease.check()
         client.set_registered_model_alias(name, CHAMPION, previous)
         client.set_model_version_tag(name, current, "promotion.rolled_back", time.strftime("%Y-%m-%dT%H:%M:%SZ"))
         audit(params, root, backend, "rollback", previous, current, previous,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,8 @@ def test_process_template_renders_without_pinning_every_job_to_one_gpu() -> None
 def test_prefect_yaml_clones_the_code_and_points_at_real_flows_and_pools() -> None:
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     steps = [next(iter(s)) for s in spec["pull"]]
-    assert steps == ["prefect.deployments.steps.git_clone", "prefect.deployments.steps.set_working_directory"]
+    assert steps == ["prefect.deployments.steps.run_shell_script", "prefect.deployments.steps.set_working_directory"]
+    assert spec["pull"][0]["prefect.deployments.steps.run_shell_script"]["script"].startswith("python -m v2m.checkout ")
     deployments = {d["name"]: d for d in spec["deployments"]}
     assert {"retrain-scheduled", "retrain-manual", "data-watch", "prepare-data", "separate", "finetune", "evaluate",
             "promote"} <= set(deployments)
@@ -129,11 +131,13 @@ def test_deploy_writes_the_configured_repository_and_commit_into_the_pull_steps(
     from v2m.config import CodeSource
     from v2m.errors import UserError
     by_branch = pull_steps(CodeSource(repository="git@example.com:t/v2m.git", branch="release"))
-    assert by_branch[0]["prefect.deployments.steps.git_clone"] == {
-        "id": "clone", "repository": "git@example.com:t/v2m.git", "branch": "release"}
+    step = by_branch[0]["prefect.deployments.steps.run_shell_script"]
+    assert shlex.split(step["script"]) == ["python", "-m", "v2m.checkout", "--repository", "git@example.com:t/v2m.git",
+                                           "--branch", "release"]
+    assert by_branch[1]["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ checkout.stdout }}"
     pinned = pull_steps(CodeSource(repository="/srv/v2m.git", commit="0123abcd"))
-    assert pinned[0]["prefect.deployments.steps.git_clone"]["commit_sha"] == "0123abcd"
-    assert "branch" not in pinned[0]["prefect.deployments.steps.git_clone"]  # git_clone takes one of the two
+    script = shlex.split(pinned[0]["prefect.deployments.steps.run_shell_script"]["script"])
+    assert script[-2:] == ["--commit", "0123abcd"] and "--branch" not in script
     with pytest.raises(UserError, match="orchestration.code.repository"):
         pull_steps(CodeSource())
 
@@ -147,3 +151,17 @@ def test_importing_v2m_creates_a_missing_prefect_home_so_a_fresh_clone_can_start
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert home.is_dir() and "Failed to create the Prefect home directory" not in res.stderr
+
+
+def test_the_cpu_pools_template_starts_flow_runs_through_the_zygote_without_importing_prefect_here() -> None:
+    """`v2m stack up` builds it before the caller points Prefect's settings at the stack: importing Prefect
+    in that process then would have aimed the caller's Prefect client at a temporary server."""
+    code = ("import json, os, sys; from pathlib import Path; from v2m.stack_init import cpu_job_template; "
+            "t = cpu_job_template(str(Path(sys.executable).parent / 'prefect'), dict(os.environ)); "
+            "print(json.dumps([t['variables']['properties']['command']['default'], 'prefect' in sys.modules]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    command, imported = json.loads(res.stdout.strip().splitlines()[-1])
+    assert command == "python -m v2m.warm run" and not imported
+    tpl = json.loads((ROOT / "infra" / "work-pools" / "gpu-a40-process.json").read_text())
+    assert tpl["variables"]["properties"]["command"]["default"] == command  # both pools start warm

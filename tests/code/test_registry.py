@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,7 +23,7 @@ from tasks.registry.gates import Evidence, run_gates
 from tasks.registry.promotion import PromotionError, promote, rollback
 from tasks.registry.registry import CHALLENGER, CHAMPION, alias_version, audit_history, register, version_tags
 from v2m.config import load_params
-from v2m.tracking import EXPERIMENTS, experiment_id, setup_mlflow
+from v2m.tracking import EXPERIMENTS, experiment_id, setup_mlflow, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -215,7 +217,10 @@ def test_rollback_sticks_until_an_audited_reinstatement(store) -> None:
         rollback(params, root, "musicgen")
 
 
-def test_two_concurrent_promotions_leave_one_champion_and_two_audit_entries(store) -> None:
+@pytest.mark.parametrize("folders", ["one project folder", "two project folders"])
+def test_two_concurrent_promotions_leave_one_champion_and_two_audit_entries(store, folders, tmp_path_factory) -> None:
+    """Two processes decide against champion v1, then race for the alias. In two project folders (two hosts
+    sharing only the store) no file lock is shared: the registry lease must serialise them."""
     params, root = store
     v1 = candidate(params, root, fad_shift=0.3)
     promote(params, root, "musicgen")
@@ -227,19 +232,24 @@ def test_two_concurrent_promotions_leave_one_champion_and_two_audit_entries(stor
         from v2m.config import load_params
         from v2m.tracking import setup_mlflow
         from tasks.registry.promotion import decide, promote
-        root, version = Path({str(root)!r}), sys.argv[1]
+        root, version = Path.cwd(), sys.argv[1]
         params = load_params({str(ROOT / 'params.yaml')!r})
         params = params.model_copy(update={{"promotion": params.promotion.model_copy(update={{"bootstrap_resamples": 200}})}})
-        setup_mlflow(params, root)
+        setup_mlflow(params, root)  # the shared store, from MLFLOW_TRACKING_URI
         d = decide(params, root, "musicgen", version)    # both decide against champion v{v1} ...
-        (root / f"decided-{{version}}").touch()
-        while not (root / "go").exists():                 # ... then race for the alias
+        (Path({str(root)!r}) / f"decided-{{version}}").touch()
+        while not (Path({str(root)!r}) / "go").exists():  # ... then race for the alias
             time.sleep(0.01)
         d = promote(params, root, "musicgen", decision=d)
         print(json.dumps({{"version": version, "promoted": d.promoted, "reason": d.reason}}))
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", script, v], cwd=root, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for v in (v2, v3)]
+    cwds = [root, root] if folders == "one project folder" else [tmp_path_factory.mktemp(f"host-{v}") for v in (v2, v3)]
+    for cwd in set(cwds) - {root}:
+        (cwd / "data" / "segments").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / "data" / "segments" / "musicgen.jsonl", cwd / "data" / "segments" / "musicgen.jsonl")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(params, root)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, v], cwd=cwd, stdout=subprocess.PIPE, env=env,
+                              stderr=subprocess.PIPE, text=True) for v, cwd in zip((v2, v3), cwds)]
     deadline = time.monotonic() + 120
     while not all((root / f"decided-{v}").exists() for v in (v2, v3)):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
@@ -258,6 +268,25 @@ def test_two_concurrent_promotions_leave_one_champion_and_two_audit_entries(stor
     assert alias_version("musicgen", CHAMPION) == winners[0]["version"]
     entries = audit_history(params, root, "musicgen")[1:]  # after the first promotion of v1
     assert sorted(e["action"] for e in entries) == ["promote", "refuse"]
+
+
+def test_a_promotion_whose_audit_fails_leaves_the_registry_as_it_was(store, monkeypatch) -> None:
+    params, root = store
+    v1 = candidate(params, root, fad_shift=0.3)
+    promote(params, root, "musicgen")
+    v2 = candidate(params, root, fad_shift=0.1, seed=1)
+    tags_before, entries_before = version_tags("musicgen", v2), audit_history(params, root, "musicgen")
+
+    def audit_fails(*args, **kwargs):
+        raise ConnectionError("the audit experiment could not be written")
+    monkeypatch.setattr("tasks.registry.promotion.audit", audit_fails)
+    with pytest.raises(ConnectionError):
+        promote(params, root, "musicgen", v2)
+    assert alias_version("musicgen", CHAMPION) == v1
+    assert version_tags("musicgen", v2) == tags_before  # no promotion.* tag claims a decision
+    assert audit_history(params, root, "musicgen") == entries_before
+    monkeypatch.undo()
+    assert promote(params, root, "musicgen", v2).promoted  # and it can simply be run again
 
 
 def test_paired_intervals_match_their_definitions() -> None:

@@ -45,6 +45,23 @@ def stop_stack(st) -> dict:
     return st.down()
 
 
+def stack_settings(st):
+    """Prefect settings of this process pointed at a team stack (Prefect reads its settings at import, so the
+    environment alone is not enough): the API, its auth string and the S3 block holding step results."""
+    from prefect.settings import (PREFECT_API_AUTH_STRING, PREFECT_API_URL, PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK,
+                                  temporary_settings)
+    env = st.client_env("cpu")
+    return temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"],
+                                       PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"],
+                                       PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"]})
+
+
+def worker_log(st, name: str, chars: int = 3000) -> str:
+    """The end of a stack worker's log (what its flow runs printed), for an assertion's message."""
+    path = st.state_dir / "logs" / f"{name}.log"
+    return path.read_text(errors="replace")[-chars:] if path.is_file() else f"(no log at {path})"
+
+
 @pytest.fixture
 def team_servers(tmp_path):
     """`team_servers(gpus)` starts the team stack's servers alone (workers are the test's own); stops them."""

@@ -32,9 +32,11 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def publish_project(stack: Stack, work: Path, overrides: dict = TEAM) -> tuple[Path, Path]:
+def publish_project(stack: Stack, work: Path, overrides: dict = TEAM,
+                    files: dict[str, str] | None = None) -> tuple[Path, Path]:
     """The team's repository: this project's tracked files, team params, and the raw data added with DVC
-    and pushed to the S3 remote by its owner. Returns (the owner's checkout, the bare repository)."""
+    and pushed to the S3 remote by its owner; `files` (path -> text) are committed as well, even under data/.
+    Returns (the owner's checkout, the bare repository)."""
     owner, bare = work / "owner", work / "voice2music.git"
     for rel in git(REPO, "ls-files").splitlines():
         if (REPO / rel).is_file():
@@ -55,6 +57,10 @@ def publish_project(stack: Stack, work: Path, overrides: dict = TEAM) -> tuple[P
     for cmd in (["add", "-q", "data/raw"], ["remote", "add", "-d", "--local", "s3", "s3://v2m-dvc/dvc"],
                 ["push", "-q", "data/raw.dvc"]):
         subprocess.run([dvc, *cmd], cwd=owner, env=env, check=True, capture_output=True)
+    for rel, text in (files or {}).items():
+        (owner / rel).parent.mkdir(parents=True, exist_ok=True)
+        (owner / rel).write_text(text)
+        git(owner, "add", "-f", rel)
     git(owner, "add", "-A")
     git(owner, "-c", "user.name=owner", "-c", "user.email=o@example.com", "commit", "-qm", "team project")
     git(work, "clone", "-q", "--bare", str(owner), str(bare))

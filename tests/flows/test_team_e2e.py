@@ -1,11 +1,13 @@
 """Done-when of team mode: two "machines" that share nothing but the services.
 
 A loopback stack (SeaweedFS, MLflow with basic auth, Prefect with an auth string), a `cpu` worker in one empty
-folder and a `gpu-a40` worker in another. The code comes from a bare git repository (git_clone pull step), the
-raw data from the DVC S3 remote (data/raw.dvc committed by the data owner), prepared data from the remote at the
-version the parent passes, models through MLflow, results through S3. `retrain` runs in team mode; during a
-fine-tune the gpu-a40 worker is killed (a lost machine), a new one starts in a third empty folder, and the
-fine-tune resumes there from its S3 checkpoint. The run ends with a champion and a report for both backends.
+folder and a `gpu-a40` worker in another. The code comes from a bare git repository (each host's checkout of the
+commit, v2m/checkout.py), the raw data from the DVC S3 remote (data/raw.dvc committed by the data owner),
+prepared data from the remote at the version the parent passes, models through MLflow, results through S3.
+`retrain` runs in team mode; during a fine-tune the gpu-a40 worker is killed (a lost machine), a new one starts
+in a third empty folder, and the fine-tune resumes there from its S3 checkpoint. The run ends with a champion
+and a report for both backends, the finished run's S3 checkpoints pruned to the retention rule, and a
+timeline of its steps.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import time
 from pathlib import Path
 
+from flows.timeline import PHASES, format_timeline, timeline
 from tests.flows.team_project import TEAM, publish_project, s3_keys
 from v2m.config import load_params
 
@@ -72,15 +75,27 @@ def test_retrain_across_two_hosts_sharing_only_the_services_survives_a_lost_gpu_
         runs = asyncio.run(finetunes())
         resumed = [res for r in runs if r.state.is_completed()
                    if Path((res := r.state.result())["run_dir"]).name.startswith("musicgen-")]
+        steps = timeline(parent.id)
+        print("\n" + format_timeline(steps))
 
     for backend in ("musicgen", "audioldm"):
         entry = out["backends"][backend]
         assert entry["champion"], (backend, entry)
         assert entry.get("report"), (backend, entry)
     # The lost host's fine-tune crashed; it ran again on the second GPU host from the S3 checkpoint.
-    assert sum(r.state.is_crashed() for r in runs) == 1, [r.state for r in runs]
+    assert sum(r.state.is_crashed() for r in runs if r.parameters["backend"] == "musicgen") == 1, \
+        [(r.parameters, r.state) for r in runs]
     assert len(resumed) == 1 and 0 < resumed[0]["resumed_from"] <= killed_at, resumed
     assert resumed[0]["data_bytes_pulled"] > 0  # its model inputs came from the DVC remote
     assert killed_at < TEAM["train"]["musicgen"]["max_steps"]
+    # The finished run's checkpoints follow train.retention (keep_last 2): the final one and the two before it.
+    final, every = TEAM["train"]["musicgen"]["max_steps"], TEAM["train"]["musicgen"]["checkpoint_every"]
+    kept = {k.split("/")[-2] for k in s3_keys(st, "v2m-checkpoints") if "/ckpt-" in k}
+    assert kept == {f"ckpt-{final - i * every:08d}" for i in range(3)}, kept
+    # The timeline accounts for every step: each one's phases add up to its time from scheduled to done.
+    assert {s["deployment"] for s in steps["steps"]} >= {"prepare-data", "finetune", "evaluate", "promote"}
+    for step in steps["steps"]:
+        assert abs(sum(step[p] for p in PHASES) - step["total"]) < 1.0, step
+        assert step["checkout"] > 0 and step["work"] > 0, step
     sizes = {b: sum(s3_keys(st, b).values()) for b in ("v2m-dvc", "v2m-mlflow", "v2m-checkpoints", "v2m-results")}
     print(f"\nteam retrain wall time {wall:.0f} s; bytes on S3 per bucket: {sizes}")
