@@ -123,3 +123,10 @@ def project(tmp_path: Path) -> Path:
         res = run(cmd, proj)
         assert res.returncode == 0, res.stderr
     return proj
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Prefect's temporary server logs its stop at interpreter exit, after pytest closed the captured streams
+    (a 'Logging error' traceback under the summary of every run): the `prefect` logger keeps only warnings then."""
+    import logging
+    logging.getLogger("prefect").setLevel(logging.WARNING)
