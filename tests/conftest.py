@@ -123,3 +123,15 @@ def project(tmp_path: Path) -> Path:
         res = run(cmd, proj)
         assert res.returncode == 0, res.stderr
     return proj
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A private PostgreSQL (v2m/postgres.py) for the session; each test that needs one makes its own database.
+    Without PostgreSQL's server programs this fails (never skips): the team's vote store must be tested."""
+    import secrets
+
+    from v2m.postgres import PrivatePostgres
+    with PrivatePostgres(tmp_path_factory.mktemp("postgres"), password=secrets.token_urlsafe(18),
+                         durable=False) as pg:
+        yield pg
