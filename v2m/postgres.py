@@ -57,6 +57,7 @@ class PrivatePostgres:
     port: int = 0
     user: str = "listening"  # the one role hosts log in as (owner of the databases made here)
     durable: bool = True  # False (tests): no fsync; a crash may lose the cluster
+    log_file: Path | None = None  # default: <data_dir>/postgres.log
     proc: subprocess.Popen | None = None
 
     def url(self, database: str) -> str:
@@ -81,7 +82,7 @@ class PrivatePostgres:
         if not self.durable:
             settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
         cmd = [str(bin_dir() / "postgres"), "-D", str(cluster), *(f"-c{k}={v}" for k, v in settings.items())]
-        log = open(self.data_dir / "postgres.log", "ab")
+        log = open(self.log_file or self.data_dir / "postgres.log", "ab")
         self.proc = subprocess.Popen(self._as_server_user(cmd), stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -120,7 +121,7 @@ class PrivatePostgres:
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc and self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited with {self.proc.returncode}; see {self.data_dir / 'postgres.log'}")
+                raise RuntimeError(f"postgres exited with {self.proc.returncode}; see {self.log_file or self.data_dir}")
             try:
                 with self._admin() as db:
                     verifier = db.pgconn.encrypt_password(self.password.encode(), self.user.encode(),
