@@ -4,7 +4,7 @@
         pg.create_database("listening"); pg.url("listening")   # postgresql://listening@127.0.0.1:PORT/listening
 
 The cluster is made on first start (initdb) in `data_dir`, which keeps it across restarts. Two ways in:
-- TCP on `host`, for the role `user` alone, with its password (SCRAM): what every host uses;
+- TCP on `host`, with a password (SCRAM): the role `user` has one (what every host uses), the superuser none;
 - the Unix socket in the data folder, for the superuser `postgres` without a password: only the folder's owner
   (and root) can reach it, and this class uses it to create the role and the databases.
 The password never reaches the server in clear: the role gets its SCRAM verifier (nothing to log).
@@ -98,10 +98,10 @@ class PrivatePostgres:
         res = subprocess.run(self._as_server_user(cmd), capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"initdb failed in {cluster}: {res.stdout[-1000:]}{res.stderr[-1000:]}")
-        # The socket (superuser, no password) is reachable by the data folder's owner only; TCP: the role alone.
+        # The socket (superuser, no password) is reachable by the data folder's owner only; TCP needs a password,
+        # and the superuser has none.
         (cluster / "pg_hba.conf").write_text(
-            "local all postgres trust\n"
-            f"host all {self.user} 0.0.0.0/0 scram-sha-256\nhost all {self.user} ::/0 scram-sha-256\n")
+            "local all postgres trust\nhost all all 0.0.0.0/0 scram-sha-256\nhost all all ::/0 scram-sha-256\n")
 
     @staticmethod
     def _as_server_user(cmd: list[str]) -> list[str]:
