@@ -90,7 +90,11 @@ class PrivatePostgres:
         shutil.rmtree(cluster, ignore_errors=True)  # a half-made one from an interrupted first start
         cluster.mkdir(parents=True, mode=0o700)
         if os.geteuid() == 0:
-            account = pwd.getpwnam(SERVER_USER)
+            try:
+                account = pwd.getpwnam(SERVER_USER)
+            except KeyError:
+                raise RuntimeError(f"PostgreSQL does not run as root and there is no system user {SERVER_USER!r} "
+                                   "to run it as (Debian's postgresql package makes one)") from None
             for path in (self.data_dir, cluster):
                 os.chown(path, account.pw_uid, account.pw_gid)
         cmd = [str(bin_dir() / "initdb"), "-D", str(cluster), "-U", "postgres", "-E", "UTF8", "--locale=C",
