@@ -125,6 +125,18 @@ def project(tmp_path: Path) -> Path:
     return proj
 
 
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A private PostgreSQL (v2m/postgres.py) for the session; each test that needs one makes its own database.
+    Without PostgreSQL's server programs this fails (never skips): the team's vote store must be tested."""
+    import secrets
+
+    from v2m.postgres import PrivatePostgres
+    with PrivatePostgres(tmp_path_factory.mktemp("postgres"), password=secrets.token_urlsafe(18),
+                         durable=False) as pg:
+        yield pg
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Prefect's temporary server logs its stop at interpreter exit, after pytest closed the captured streams
     (a 'Logging error' traceback under the summary of every run): the `prefect` logger keeps only warnings then."""

@@ -434,7 +434,7 @@ def listen_cmd(backend: BackendOpt,
         console.print(f"invitation for {name}: {url}#invite={token}", highlight=False)
     console.print(f"results (owner only, keep private): {url}#owner={owner}", highlight=False)
     console.print(f"listening test: {url}  ({ls.models[0]} vs {ls.models[1]}, {len(ls.chunks)} test vocals; votes in "
-                  f"{p.listening.db})", highlight=False)
+                  f"{store.where})", highlight=False)
     serve(create_app(p, Path.cwd(), ls, owner), sock, p.serve.header_timeout_s)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from pydantic import Field, field_validator, model_validator
 
 from v2m.config_base import Strict
@@ -16,12 +18,46 @@ class ListeningConfig(Strict):
     # Addresses (or CIDR networks) of the auth proxies whose auth_header names the listener. Empty: the header
     # is ignored (any client can send it) and listeners join by invitation (`v2m listen --invite NAME`).
     trusted_proxies: list[str] = []
-    db: str = ".v2m/listening.db"  # the votes (SQLite), next to the embedded MLflow store
+    # Where the votes live: a file path (SQLite, relative to the project), or the team's database as
+    # postgresql://USER@HOST:PORT/DATABASE, its password in the environment (DB_PASSWORD_ENV). DB_URL_ENV, set by
+    # the team stack on its hosts, overrides this: every host's promotion then reads the same votes.
+    db: str = ".v2m/listening.db"
 
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, entries: list[str]) -> list[str]:
         return parse_networks(entries)
+
+    @field_validator("db")
+    @classmethod
+    def _db(cls, value: str) -> str:
+        return check_vote_db(value)
+
+
+DB_URL_ENV = "V2M_LISTENING_DB"  # overrides listening.db (a path or a URL without a password)
+DB_PASSWORD_ENV = "V2M_LISTENING_DB_PASSWORD"  # the database URL's password: credentials travel in the environment
+DB_SCHEMES = ("postgresql", "postgresql+psycopg")
+
+
+def check_vote_db(value: str) -> str:
+    """A vote store's address, checked without echoing it (a URL may hold a password, which is refused)."""
+    value = value.strip()
+    if not value:
+        raise ValueError("empty: give a file path (SQLite) or postgresql://USER@HOST:PORT/DATABASE")
+    if "://" not in value:
+        return value  # a path: SQLite
+    url = urlsplit(value)
+    if url.scheme not in DB_SCHEMES:
+        raise ValueError(f"scheme {url.scheme!r}: give a file path (SQLite) or a postgresql:// URL")
+    try:
+        url.port
+    except ValueError:
+        raise ValueError("the URL's port must be a number") from None
+    if url.password is not None:
+        raise ValueError(f"the URL holds a password: remove it and set the environment variable {DB_PASSWORD_ENV}")
+    if not url.hostname or not url.username or not url.path.strip("/"):
+        raise ValueError("a database URL needs a user, a host and a database: postgresql://USER@HOST:PORT/DATABASE")
+    return value
 
 
 class HumanPreferenceConfig(Strict):

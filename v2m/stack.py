@@ -1,5 +1,6 @@
-"""The team stack without Docker: SeaweedFS (S3), an MLflow server, a Prefect server and process workers,
-all on loopback, all state under one folder (default .v2m/stack/).
+"""The team stack without Docker: SeaweedFS (S3), an MLflow server, a Prefect server, PostgreSQL for the
+listening votes (where its server programs are installed) and process workers, all on loopback, all state
+under one folder (default .v2m/stack/).
 
     v2m stack up [--servers-only]            the servers (and a cpu + a gpu-a40 worker, unless servers-only)
     v2m stack worker --pool P --dir D [--gpus 0,1]   a worker in an empty folder that acts as another machine
@@ -7,7 +8,8 @@ all on loopback, all state under one folder (default .v2m/stack/).
 
 Every service asks for credentials: MLflow through its basic-auth app (a user per host role; `serve`, the
 model server's, reads everything and changes nothing), Prefect through its API auth string, S3 through keys
-per host role (cpu, gpu, mlflow) that reach only that role's buckets.
+per host role (cpu, gpu, mlflow) that reach only that role's buckets, PostgreSQL through the password of its
+one role, `listening`, handed to the cpu hosts (promotions and `v2m listen` run there; votes: tasks/listening/).
 All of them are generated at the first `up` into <state>/credentials.json (mode 600) and handed to processes
 through their environment; nothing logs them. infra/ holds the production equivalents.
 """
@@ -18,6 +20,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from v2m import postgres
+from v2m.config_listening import DB_PASSWORD_ENV, DB_URL_ENV
 from v2m.s3server import SeaweedS3, free_port
 from v2m.stack_init import (BUCKETS, DEFAULT_PERMISSION, HEARTBEAT_S, QUIET, RESULTS_BLOCK, WORKER_POLL_S,
                             init_services)
@@ -41,6 +46,8 @@ POOL_ROLE = {"cpu": "cpu", "gpu-a40": "gpu"}
 # serve: read-only (MLflow's default permission, READ); rollout / rollback: serve with serve.rollout (stack_init.py)
 MLFLOW_USERS = ("admin", "cpu", "gpu", "serve", "rollout", "rollback")
 SERVE_ROLES = ("serve", "rollout", "rollback")  # MLflow alone: models and artifacts come through the server
+VOTE_ROLES = ("cpu", "admin")  # hosts that read or write the listening votes; GPU steps and `serve` never do
+LISTENING_DB = "listening"  # the votes' database on the stack's PostgreSQL
 # What a worker must not inherit from the shell that started it: it acts as another machine.
 NOT_INHERITED = ("PYTHONPATH", "MLFLOW_", "PREFECT_", "AWS_", "V2M_", "CUDA_VISIBLE_DEVICES")
 
@@ -58,6 +65,7 @@ def _new_credentials() -> dict[str, Any]:
     return {"s3": {role: key() for role in ("admin", *S3_ROLES)},
             "mlflow": {user: secrets.token_urlsafe(18) for user in MLFLOW_USERS},
             "prefect_auth": "v2m:" + secrets.token_urlsafe(24),
+            "listening_db": secrets.token_urlsafe(18),  # PostgreSQL role `listening` (SCRAM)
             "mlflow_flask_secret": secrets.token_hex(32)}  # signs the basic-auth app's CSRF tokens
 
 
@@ -90,6 +98,9 @@ class Stack:
         if missing := [u for u in MLFLOW_USERS if u not in creds["mlflow"]]:  # a stack from before a role existed
             creds["mlflow"] |= {u: secrets.token_urlsafe(18) for u in missing}
             path.write_text(json.dumps(creds))
+        if "listening_db" not in creds:  # a stack from before the votes moved to PostgreSQL
+            creds["listening_db"] = secrets.token_urlsafe(18)
+            path.write_text(json.dumps(creds))
         return creds
 
     def client_env(self, role: str = "cpu") -> dict[str, str]:
@@ -105,7 +116,9 @@ class Stack:
         if role in SERVE_ROLES:
             return mlflow
         s3 = creds["s3"][role]
-        return {**mlflow,
+        votes = {DB_URL_ENV: st["listening_db_url"], DB_PASSWORD_ENV: creds["listening_db"]} \
+            if st.get("listening_db_url") and role in VOTE_ROLES else {}
+        return {**mlflow, **votes,
                 "PREFECT_API_URL": st["prefect_url"] + "/api", "PREFECT_API_AUTH_STRING": creds["prefect_auth"],
                 "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": RESULTS_BLOCK, "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
                 "AWS_ACCESS_KEY_ID": s3["access_key"], "AWS_SECRET_ACCESS_KEY": s3["secret_key"],
@@ -151,6 +164,14 @@ class Stack:
                 self._save({"s3_url": s3.endpoint_url, "pids": {"seaweedfs": s3.proc.pid}})
         st = self.state()
         s3.proc = None
+        pg = None
+        if postgres.available():  # started now, waited for with the others below
+            pg = postgres.PrivatePostgres(self.state_dir / "postgres", password=creds["listening_db"], host=self.host,
+                                          log_file=self.state_dir / "logs" / "postgres.log")
+            pg.launch()
+            st["pids"]["postgres"] = pg.proc.pid
+            pg.proc = None  # detached: `down` stops it by pid
+            self._save(st)
         mlflow_s3 = creds["s3"]["mlflow"]
 
         mlflow_port, prefect_port = free_port(), free_port()
@@ -177,6 +198,10 @@ class Stack:
         self._save(st)
         self._wait(lambda: all(v for k, v in self.health().items() if k in ("mlflow", "prefect", "s3")), timeout_s,
                    [st["pids"][n] for n in ("mlflow", "prefect")])
+        if pg:
+            pg.wait_ready(timeout_s)
+            st["listening_db_url"] = pg.create_database(LISTENING_DB)
+            self._save(st)
         init_services({**os.environ, **self.client_env("cpu")}, st["s3_url"], gpus, creds["mlflow"])
         if not servers_only:
             for pool in POOLS:
@@ -260,6 +285,8 @@ class Stack:
 
         out = {"s3": answers(st["s3_url"]), "mlflow": answers(st["mlflow_url"] + "/health"),
                "prefect": answers(st["prefect_url"] + "/api/health")}
+        if "postgres" in st["pids"]:
+            out["postgres"] = _alive(st["pids"]["postgres"]) and _listens(st.get("listening_db_url", ""))
         for name, pid in st["pids"].items():
             if name.startswith("worker-"):
                 out[name] = _alive(pid)
@@ -270,7 +297,8 @@ class Stack:
         stopped = []
         order = sorted(st.get("pids", {}), key=lambda n: (not n.startswith("worker-"), n))  # workers first
         for name in order:
-            if _stop(st["pids"][name]):
+            # PostgreSQL: SIGINT is its fast shutdown (SIGTERM waits for every client to leave)
+            if _stop(st["pids"][name], sig=signal.SIGINT if name == "postgres" else signal.SIGTERM):
                 stopped.append(name)
         if self.state_file.is_file():
             self.state_file.unlink()
@@ -304,11 +332,24 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _stop(pid: int, timeout_s: float = 15.0) -> bool:
-    """SIGTERM the process group, again after a moment (idle Prefect workers ignore the first), then SIGKILL."""
+def _listens(url: str) -> bool:
+    """A database URL's host and port accept a connection (the server answers; credentials are not checked)."""
+    from urllib.parse import urlsplit
+    if not url:
+        return False
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def _stop(pid: int, timeout_s: float = 15.0, sig: int = signal.SIGTERM) -> bool:
+    """`sig` to the process group, again after a moment (idle Prefect workers ignore the first), then SIGKILL."""
     if not pid or not _alive(pid):
         return False
-    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+    for sig in (sig, sig, signal.SIGKILL):
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:

@@ -4,7 +4,7 @@ become evidence for promotion.
     clips.py   the audio: each model's output on the first test chunks (evaluation's outputs reused, the rest
                generated the way evaluation does), mixed with the vocal
     store.py   trials (what a listener is shown, in which A/B order), votes, invitations (hashed tokens) and
-               refused attempts, in SQLite under .v2m/: the only module with SQL
+               refused attempts, in SQLite under .v2m/ or the team's PostgreSQL: the only module with SQL
     stats.py   win rate with a Wilson interval, Bradley-Terry for more than two models, listener agreement
     gate.py    the `human_preference` promotion gate (counted votes only: invited or proxy-signed-in listeners,
                each one's weight capped), and the results recorded on the model version

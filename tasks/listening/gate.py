@@ -18,23 +18,38 @@ metrics (step = number of votes) trace the win rate as votes come in, with the f
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from tasks.listening.stats import summarize
-from tasks.listening.store import COUNTED, VoteStore, pair_key
+from tasks.listening.store import COUNTED, VoteStore, VoteStoreError, pair_key
 from tasks.registry.gates import FAIL, PASS, WAITING, GateResult
 from v2m.config import Params
+from v2m.config_listening import DB_URL_ENV, check_vote_db
 
 GATE = "human_preference"
 EXPERIMENT = "voice2music-listening"
 _record_lock = threading.Lock()
 
 
+def vote_target(params: Params, root: Path) -> str | Path:
+    """Where the votes are: the team's database when the environment names one (DB_URL_ENV: the team stack
+    sets it on its hosts, so a promotion on any host reads the votes cast on any other), else listening.db;
+    a path is relative to the project."""
+    target = os.environ.get(DB_URL_ENV, "").strip() or params.listening.db
+    if target != params.listening.db:
+        try:
+            check_vote_db(target)
+        except ValueError as exc:
+            raise VoteStoreError(f"environment variable {DB_URL_ENV}: {exc}") from None
+    return target if "://" in target else Path(root) / target
+
+
 def store_for(params: Params, root: Path) -> VoteStore:
-    return VoteStore(Path(root) / params.listening.db)
+    return VoteStore(vote_target(params, root))
 
 
 def counted(votes: list[dict[str, Any]]) -> list[dict[str, Any]]:

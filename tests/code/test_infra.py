@@ -165,3 +165,27 @@ def test_the_cpu_pools_template_starts_flow_runs_through_the_zygote_without_impo
     assert command == "python -m v2m.warm run" and not imported
     tpl = json.loads((ROOT / "infra" / "work-pools" / "gpu-a40-process.json").read_text())
     assert tpl["variables"]["properties"]["command"]["default"] == command  # both pools start warm
+
+
+def test_compose_cpu_workers_reach_the_listening_votes_with_their_own_role(tmp_path: Path) -> None:
+    """worker-cpu gets the votes' URL (no password in it) and the role's password from the environment; the
+    init script, run the way the postgres image runs it, makes that role: it logs in, and is no superuser."""
+    import psycopg
+
+    from v2m.config_listening import check_vote_db
+    from v2m.postgres import PrivatePostgres, bin_dir
+    services = compose()["services"]
+    env = services["worker-cpu"]["environment"]
+    assert check_vote_db(env["V2M_LISTENING_DB"]) == "postgresql://listening@postgres:5432/listening"
+    assert env["V2M_LISTENING_DB_PASSWORD"] == "${LISTENING_DB_PASSWORD:?set LISTENING_DB_PASSWORD}"
+    assert "V2M_LISTENING_DB" not in services["worker-gpu-a40"]["environment"]
+    assert "./postgres-listening.sh:/docker-entrypoint-initdb.d/listening.sh:ro" in services["postgres"]["volumes"]
+    with PrivatePostgres(tmp_path / "pg", password="unused", user="someone", durable=False) as pg:
+        res = subprocess.run(["sh", str(ROOT / "infra" / "postgres-listening.sh")], capture_output=True, text=True,
+                             env={**os.environ, "PATH": f"{bin_dir()}:{os.environ['PATH']}", "POSTGRES_USER": "postgres",
+                                  "PGHOST": str(pg.data_dir / "cluster"), "PGPORT": str(pg.port),
+                                  "LISTENING_DB_PASSWORD": "it's-a-secret"})
+        assert res.returncode == 0, res.stdout + res.stderr
+        with psycopg.connect(host=pg.host, port=pg.port, user="listening", password="it's-a-secret",
+                             dbname="listening") as db:
+            assert db.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone() == (False,)

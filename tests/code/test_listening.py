@@ -131,30 +131,6 @@ def test_summary_breaks_down_by_genre_and_language() -> None:
     assert s["language"]["en"]["win_rate"] == 0.5 and s["language"]["fr"]["wins"] == 1
 
 
-def test_store_trials_are_counterbalanced_kept_and_votes_idempotent(tmp_path: Path) -> None:
-    chunks = [{"chunk_id": f"c{i}", "genre": "pop", "language": "en"} for i in range(6)]
-    store = VoteStore(tmp_path / "votes.db")
-    trials = store.trials_for("ann", "musicgen", (X, Y), chunks)
-    assert [t["chunk_id"] for t in trials] == [c["chunk_id"] for c in chunks]
-    assert sum(t["model_a"] == X for t in trials) == 3  # each model is A in half the trials
-    again = VoteStore(tmp_path / "votes.db").trials_for("ann", "musicgen", (Y, X), chunks)  # a restart, either order
-    assert [(t["trial_id"], t["model_a"]) for t in again] == [(t["trial_id"], t["model_a"]) for t in trials]
-
-    row, new = store.vote("id1", trials[0]["trial_id"], "ann", "A", 5, None)
-    assert new and row["winner"] == trials[0]["model_a"] and row["rating_a"] == 5
-    assert store.vote("id1", trials[0]["trial_id"], "ann", "A", 5, None) == (row, False)
-    for bad, match in [(("id2", trials[0]["trial_id"], "ann", "B"), "already answered"),
-                       (("id1", trials[0]["trial_id"], "ann", "B"), "other content"),
-                       (("id3", trials[1]["trial_id"], "bob", "A"), "another listener"),
-                       (("id4", trials[1]["trial_id"], "ann", "C"), "answer must be"),
-                       (("id5", "nope", "ann", "A"), "unknown trial")]:
-        with pytest.raises(VoteError, match=match):
-            store.vote(*bad)
-    with pytest.raises(VoteError, match="rating_b"):
-        store.vote("id6", trials[1]["trial_id"], "ann", "none", None, 6)
-    assert len(VoteStore(tmp_path / "votes.db").votes("musicgen", (Y, X))) == 1
-
-
 WAVE_2_SCHEMA = """
 CREATE TABLE trials (trial_id TEXT PRIMARY KEY, listener TEXT NOT NULL, backend TEXT NOT NULL, pair TEXT NOT NULL,
     chunk_id TEXT NOT NULL, genre TEXT, language TEXT, position INTEGER NOT NULL, model_a TEXT NOT NULL,

@@ -49,11 +49,12 @@ def write_test_manifest(root: Path) -> list[dict]:
 
 
 def fake_evaluation(params, root: Path, *, harmonic: float = 0.0, fad_shift: float = 0.0, seed: int = 0,
-                    sane: float = 1.0, lang_fr: float = 0.0, override: dict | None = None) -> str:
+                    sane: float = 1.0, lang_fr: float = 0.0, override: dict | None = None,
+                    backend: str = "musicgen") -> str:
     """An evaluation run as tasks/evaluation/evaluate.py logs one, for a model whose per-chunk harmonic fit is
     the (shared) chunk difficulty + `harmonic` (+ `lang_fr` on French chunks) + a little noise, and whose
-    generations sit `fad_shift` away from the references in embedding space."""
-    records = [json.loads(line) for line in (root / "data/segments/musicgen.jsonl").read_text().splitlines()]
+    generations sit `fad_shift` away from the references in embedding space (on data/segments/<backend>.jsonl)."""
+    records = [json.loads(line) for line in (root / f"data/segments/{backend}.jsonl").read_text().splitlines()]
     difficulty = np.random.default_rng(99).normal(0.4, 0.08, N_CHUNKS)
     noise = np.random.default_rng(seed)
     rows, gen, ref = [], [], []
@@ -67,9 +68,9 @@ def fake_evaluation(params, root: Path, *, harmonic: float = 0.0, fad_shift: flo
     metrics = {f"eval/{k}": float(np.mean([row[k] for row in rows])) for k in rows[0] if isinstance(rows[0][k], float)}
     metrics["eval/fad"] = fad_from_embeddings(np.concatenate(gen), np.concatenate(ref))
     metrics = {k: v for k, v in (metrics | (override or {})).items() if v is not None}  # None: not logged
-    fingerprint, settings = current_test_set(params, root, "musicgen")
+    fingerprint, settings = current_test_set(params, root, backend)
     with mlflow.start_run(experiment_id=experiment_id(EXPERIMENTS["evaluation"], params, root)) as ev:
-        mlflow.set_tags({"backend": "musicgen", "test_fingerprint": fingerprint, "eval_settings": settings})
+        mlflow.set_tags({"backend": backend, "test_fingerprint": fingerprint, "eval_settings": settings})
         mlflow.log_metrics(metrics)
         mlflow.log_table({k: [row[k] for row in rows] for k in rows[0]}, "eval/samples.json")
         npz = root / ev.info.run_id / "embeddings.npz"

@@ -5,20 +5,29 @@ git repository. State that a step keeps for the next one must live in the servic
 - data-watch remembers the raw data it saw in a Prefect Variable: run again on another host, it knows it;
 - two hosts promoting the same version at once end with one champion, one registered version and one audit
   entry per decision: the registry lease (tasks/registry/lease.py) serialises them, where a file lock in each
-  host's checkout could not.
+  host's checkout could not;
+- the votes of a listening test served on one host decide a promotion on another: they live in the stack's
+  PostgreSQL (tasks/listening/store.py), not in the listening host's folder.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
+
 import mlflow
 import pytest
+import yaml
 
 from tests.code.test_registry import Echo, fake_evaluation, write_test_manifest
 from tests.flows.conftest import stack_settings, stop_stack, worker_log
-from tests.flows.team_project import publish_project
+from tests.flows.team_listening import invitations, log_eval_audio, start_listen, vote_by_ear
+from tests.flows.team_project import git, publish_project, push_params
+from tests.model.conftest import merge
 from v2m.config import load_params
+from v2m.config_listening import DB_URL_ENV
+from v2m.tracking import EXPERIMENTS, experiment_id, setup_mlflow
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +46,8 @@ def team(tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             for k, v in st.client_env("cpu").items():
                 mp.setenv(k, v)
-            files = {"data/segments/musicgen.jsonl": (manifest_dir / "data/segments/musicgen.jsonl").read_text()}
+            manifest = (manifest_dir / "data/segments/musicgen.jsonl").read_text()
+            files = {f"data/segments/{b}.jsonl": manifest for b in ("musicgen", "audioldm")}
             owner, _ = publish_project(st, work, files=files)
             deploy_all(load_params(owner / "params.yaml"), owner, st.client_env("cpu"))
             with stack_settings(st):
@@ -54,7 +64,7 @@ async def _park_retrains() -> None:
         await client.create_work_pool(WorkPoolCreate(name="parked", type="process"))
         deployment = await client.read_deployment_by_name("retrain/retrain-manual")
         await client.update_deployment(deployment.id, DeploymentUpdate(work_pool_name="parked"))
-        for queue in ("host-c", "host-d"):
+        for queue in ("host-c", "host-d", "votes-b"):
             await client.create_work_queue(queue, work_pool_name="cpu")
 
 
@@ -99,21 +109,13 @@ def test_two_cpu_hosts_racing_one_promotion_end_with_one_champion_and_one_audit_
 
     from tasks.registry.promotion import promote
     from tasks.registry.registry import CHAMPION, alias_version, audit_history, model_name, register
-    from v2m.tracking import EXPERIMENTS, experiment_id, setup_mlflow
     params = load_params(owner / "params.yaml")
     setup_mlflow(params, owner)
 
-    def finished_run(**evaluation) -> tuple[str, str]:
-        """A 'fine-tune' run with a logged model and its evaluation on the committed test manifest."""
-        with mlflow.start_run(experiment_id=experiment_id(EXPERIMENTS["musicgen"], params, owner)) as run:
-            mlflow.set_tags({"backend": "musicgen", "stage": "voice", "preset": "tiny", "data_version": "dv1"})
-            mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
-        return run.info.run_id, fake_evaluation(params, owner, **evaluation)
-
-    first_run, first_eval = finished_run(fad_shift=0.3)
+    first_run, first_eval = finished_run(params, owner, fad_shift=0.3)
     v1 = register(first_run, "musicgen", first_eval)
     assert promote(params, owner, "musicgen", v1).promoted
-    run_id, eval_run_id = finished_run(fad_shift=0.1, seed=1)  # better: it passes every gate
+    run_id, eval_run_id = finished_run(params, owner, fad_shift=0.1, seed=1)  # better: it passes every gate
 
     with stack_settings(st):
         hosts = [st.worker("cpu", work / f"cpu-{q}", queue=q) for q in ("host-c", "host-d")]
@@ -139,6 +141,80 @@ def test_two_cpu_hosts_racing_one_promotion_end_with_one_champion_and_one_audit_
     history = [(e["action"], e["version"], e["champion_before"], e["champion_after"])
                for e in audit_history(params, owner, "musicgen")]
     assert history == [("promote", v1, "None", v1), ("promote", v2, v1, v2)], history
+
+
+def finished_run(params, owner: Path, backend: str = "musicgen", **evaluation) -> tuple[str, str]:
+    """A 'fine-tune' run with a logged model and its evaluation on the committed test manifest."""
+    with mlflow.start_run(experiment_id=experiment_id(EXPERIMENTS[backend], params, owner)) as run:
+        mlflow.set_tags({"backend": backend, "stage" if backend == "musicgen" else "variant": "voice",
+                         "preset": "tiny", "data_version": "dv1"})
+        mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+    return run.info.run_id, fake_evaluation(params, owner, backend=backend, **evaluation)
+
+
+def test_votes_cast_on_one_host_decide_a_promotion_on_another(team, monkeypatch, tmp_path) -> None:
+    """The team turns the human_preference gate on (a commit). Host A runs `v2m listen` in its own clone; host B,
+    a cpu worker in another empty folder, runs the promotion: it waits while nobody has voted, and once three
+    invited listeners have voted through host A's HTTP API for the challenger, the champion moves. AudioLDM's
+    registry, so the musicgen race above keeps its own audit trail."""
+    st, owner, work = team
+    env = st.client_env("cpu")
+    assert env[DB_URL_ENV].startswith("postgresql://listening@") and DB_URL_ENV not in st.client_env("gpu")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    from prefect.deployments import run_deployment
+
+    from tasks.listening.store import VoteStore
+    from tasks.registry.promotion import promote
+    from tasks.registry.registry import CHAMPION, alias_version, register
+    before = (owner / "params.yaml").read_text()
+    gated = merge(yaml.safe_load(before), {"listening": {"max_chunks": 3}, "promotion": {
+        "human_preference": {"required": True, "min_votes": 6, "min_listeners": 3}}})
+    push_params(owner, work / "voice2music.git", yaml.safe_dump(gated, sort_keys=False), "listeners decide")
+    host_a, host_b = work / "listen-host-a", work / "votes-host-b"
+    try:
+        params = load_params(owner / "params.yaml")
+        setup_mlflow(params, owner)
+        runs = {hz: finished_run(params, owner, "audioldm", fad_shift=shift, seed=hz)
+                for hz, shift in ((220, 0.3), (660, 0.1))}  # the challenger: better by every metric, and higher
+        for hz, (_, eval_run_id) in runs.items():
+            log_eval_audio(params, owner, "audioldm", eval_run_id, hz, tmp_path)
+        v1 = register(runs[220][0], "audioldm", runs[220][1])
+        assert promote(params, owner, "audioldm", v1).promoted  # the first champion: nobody to compare with
+        v2 = register(runs[660][0], "audioldm", runs[660][1])
+        git(work, "clone", "-q", str(work / "voice2music.git"), str(host_a))
+        listen = start_listen(st, host_a, "audioldm", ["ann", "bob", "cy"], tmp_path / "listen.log")
+        with stack_settings(st):
+            worker = st.worker("cpu", host_b, queue="votes-b")
+
+            def promote_on_host_b() -> dict:
+                run = run_deployment("promote/promote", timeout=600, work_queue_name="votes-b", parameters={
+                    "backend": "audioldm", "run_id": runs[660][0], "eval_run_id": runs[660][1]})
+                assert run.state.is_completed(), (run.state, worker_log(st, worker))
+                return run.state.result()
+
+            unheard = promote_on_host_b()
+            links = invitations(listen, tmp_path / "listen.log")
+            ballots = [vote_by_ear(url, token) for url, token in links.values()]
+            heard = promote_on_host_b()
+            st.stop(worker)
+    finally:
+        if "listen" in locals():
+            listen.terminate()
+            listen.wait(30)
+        push_params(owner, work / "voice2music.git", before, "human_preference off again")
+
+    def gate(decision: dict) -> dict:
+        return next(g for g in decision["gates"] if g["name"] == "human_preference")
+    assert not unheard["promoted"] and gate(unheard)["status"] == "waiting", unheard
+    assert "0 of 6 votes from 0 of 3 listeners" in gate(unheard)["reason"]
+    assert sorted(links) == ["ann", "bob", "cy"] and [len(b) for b in ballots] == [3, 3, 3]
+    assert heard["promoted"] and gate(heard)["status"] == "pass" and gate(heard)["n"] == 9, heard
+    assert alias_version("audioldm", CHAMPION) == v2
+    votes = VoteStore(env[DB_URL_ENV]).votes("audioldm")  # in the stack's database, chosen by ear
+    assert {v["listener"] for v in votes} == {"ann", "bob", "cy"}
+    assert {v["winner"] for v in votes} == {f"voice2music-audioldm/{v2}"}
+    assert [p for host in (host_a, host_b) for p in host.rglob("listening.db")] == []  # on neither host's disk
 
 
 async def _wait_online(workers: list[str], timeout_s: float = 120) -> None:

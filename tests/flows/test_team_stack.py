@@ -35,9 +35,11 @@ def stack(tmp_path: Path):
 def test_a_deployment_runs_on_the_gpu_pool_worker_with_runs_in_mlflow_and_artifacts_in_s3(
         stack, root: Path, monkeypatch) -> None:
     st, state = stack
-    assert all(st.health().values()), st.health()
+    assert all(st.health().values()) and "postgres" in st.health(), st.health()
     for url in (state["s3_url"], state["mlflow_url"], state["prefect_url"]):
         assert url.startswith("http://127.0.0.1:")
+    votes_url = "http://" + state["listening_db_url"].split("@", 1)[1].split("/")[0]  # PostgreSQL's host:port
+    assert state["listening_db_url"].startswith("postgresql://listening@127.0.0.1:")
     for k, v in st.client_env().items():
         monkeypatch.setenv(k, v)
 
@@ -65,10 +67,11 @@ def test_a_deployment_runs_on_the_gpu_pool_worker_with_runs_in_mlflow_and_artifa
     assert results, "the step's result did not go to S3"
     # No credential leaks into what MLflow shows.
     creds = st.credentials()
-    secrets = [creds["prefect_auth"], *creds["mlflow"].values(), *(k["secret_key"] for k in creds["s3"].values())]
+    secrets = [creds["prefect_auth"], creds["listening_db"], *creds["mlflow"].values(),
+               *(k["secret_key"] for k in creds["s3"].values())]
     shown = str(runs[0].data.params) + str(runs[0].data.tags)
     assert not any(secret in shown for secret in secrets)
 
     stopped = stop_stack(st)
-    assert {"seaweedfs", "mlflow", "prefect", "worker-cpu-cpu", "worker-gpu-a40-gpu-a40"} <= set(stopped)
-    assert not any(listening(u) for u in (state["s3_url"], state["mlflow_url"], state["prefect_url"]))
+    assert {"seaweedfs", "mlflow", "prefect", "postgres", "worker-cpu-cpu", "worker-gpu-a40-gpu-a40"} <= set(stopped)
+    assert not any(listening(u) for u in (state["s3_url"], state["mlflow_url"], state["prefect_url"], votes_url))
