@@ -25,6 +25,7 @@ import numpy as np
 
 from tasks.data import render, voice
 from tasks.data.chorales import DEFAULT_CACHE_DIR, Chorale, loop_and_cut, pick_chorales
+from tasks.data.track_cache import safe_context
 from v2m import numba_cache
 from v2m.audio import write_wav
 from v2m.config import DemoConfig
@@ -154,7 +155,8 @@ def build_demo_dataset(out_dir: Path, cfg: DemoConfig, seed: int, cache_dir: Pat
                 if progress:
                     progress(len(rows), len(plans))
         else:
-            with ProcessPoolExecutor(workers, initializer=numba_cache.worker_init) as pool:
+            # the context: a plain fork hung in a process with threads (the test suite's; see safe_context)
+            with ProcessPoolExecutor(workers, mp_context=safe_context(), initializer=numba_cache.worker_init) as pool:
                 futures = {pool.submit(job, p): p.index for p in plans}
                 for fut in as_completed(futures):
                     rows[futures[fut]] = fut.result()

@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -67,11 +68,16 @@ def _pool(n_workers: int) -> ProcessPoolExecutor:
     """
     pool = _POOLS.get(n_workers)
     if pool is None or getattr(pool, "_broken", False):
-        threaded = THREADED_LIBRARIES & sys.modules.keys()
-        ctx = mp.get_context("forkserver" if threaded else "fork")
-        pool = _POOLS[n_workers] = ProcessPoolExecutor(n_workers, mp_context=ctx,
+        pool = _POOLS[n_workers] = ProcessPoolExecutor(n_workers, mp_context=safe_context(),
                                                         initializer=numba_cache.worker_init)
     return pool
+
+
+def safe_context() -> mp.context.BaseContext:
+    """`fork` while this process is plain, else a fork server (see _pool): a thread of our own (a database
+    driver's, a server fixture's) can hold a lock at the fork as well as a library's can."""
+    threaded = THREADED_LIBRARIES & sys.modules.keys() or threading.active_count() > 1
+    return mp.get_context("forkserver" if threaded else "fork")
 
 
 def entry_name(track_id: str) -> str:
