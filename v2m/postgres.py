@@ -60,6 +60,17 @@ class PrivatePostgres:
     log_file: Path | None = None  # default: <data_dir>/postgres.log
     proc: subprocess.Popen | None = None
 
+    @property
+    def socket_dir(self) -> Path:
+        """The cluster folder, unless its path is too long for a Unix socket (107 bytes with the socket's own
+        name, `.s.PGSQL.<port>`; pytest-xdist's temporary folders pass it): then a folder of its own under /tmp,
+        named after the cluster's path, reachable like the cluster by the server's account only."""
+        cluster = Path(self.data_dir).resolve() / "cluster"
+        if len(str(cluster)) <= 80:
+            return cluster
+        import hashlib
+        return Path("/tmp") / f"v2m-pg-{hashlib.sha256(str(cluster).encode()).hexdigest()[:16]}"
+
     def url(self, database: str) -> str:
         """The URL hosts use; it holds no password (that travels in the environment)."""
         return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
@@ -77,7 +88,9 @@ class PrivatePostgres:
         if not (cluster / "PG_VERSION").is_file():
             self._initdb(cluster)
         self.port = self.port or free_port()
-        settings = {"listen_addresses": self.host, "port": self.port, "unix_socket_directories": cluster,
+        if self.socket_dir != cluster:
+            self._own_folder(self.socket_dir)
+        settings = {"listen_addresses": self.host, "port": self.port, "unix_socket_directories": self.socket_dir,
                     "shared_buffers": "32MB", "max_connections": 40, "password_encryption": "scram-sha-256"}
         if not self.durable:
             settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
@@ -89,14 +102,8 @@ class PrivatePostgres:
     def _initdb(self, cluster: Path) -> None:
         shutil.rmtree(cluster, ignore_errors=True)  # a half-made one from an interrupted first start
         cluster.mkdir(parents=True, mode=0o700)
-        if os.geteuid() == 0:
-            try:
-                account = pwd.getpwnam(SERVER_USER)
-            except KeyError:
-                raise RuntimeError(f"PostgreSQL does not run as root and there is no system user {SERVER_USER!r} "
-                                   "to run it as (Debian's postgresql package makes one)") from None
-            for path in (self.data_dir, cluster):
-                os.chown(path, account.pw_uid, account.pw_gid)
+        for path in (self.data_dir, cluster):
+            self._own_folder(path)
         cmd = [str(bin_dir() / "initdb"), "-D", str(cluster), "-U", "postgres", "-E", "UTF8", "--locale=C",
                "--auth-local=trust", "--auth-host=reject", *([] if self.durable else ["--no-sync"])]
         res = subprocess.run(self._as_server_user(cmd), capture_output=True, text=True)
@@ -108,6 +115,18 @@ class PrivatePostgres:
             "local all postgres trust\nhost all all 0.0.0.0/0 scram-sha-256\nhost all all ::/0 scram-sha-256\n")
 
     @staticmethod
+    def _own_folder(path: Path) -> None:
+        """`path` exists and, as root, belongs to the account the server runs as (mode 700 when made here)."""
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if os.geteuid() == 0:
+            try:
+                account = pwd.getpwnam(SERVER_USER)
+            except KeyError:
+                raise RuntimeError(f"PostgreSQL does not run as root and there is no system user {SERVER_USER!r} "
+                                   "to run it as (Debian's postgresql package makes one)") from None
+            os.chown(path, account.pw_uid, account.pw_gid)
+
+    @staticmethod
     def _as_server_user(cmd: list[str]) -> list[str]:
         if os.geteuid() != 0:
             return cmd
@@ -116,7 +135,7 @@ class PrivatePostgres:
 
     def _admin(self, database: str = "postgres"):
         import psycopg
-        return psycopg.connect(host=str(self.data_dir / "cluster"), port=self.port, user="postgres",
+        return psycopg.connect(host=str(self.socket_dir), port=self.port, user="postgres",
                                dbname=database, autocommit=True, connect_timeout=5)
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
@@ -158,6 +177,8 @@ class PrivatePostgres:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         self.proc = None
+        if self.socket_dir.parent == Path("/tmp"):
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def __enter__(self) -> "PrivatePostgres":
         return self.start()
