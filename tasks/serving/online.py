@@ -9,7 +9,8 @@
     Online      the whole: observe, score later, judge, remember for the recorder (tasks/serving/recorder.py)
 
 Skipped first under load: an output is not scored when the scoring queue is full or the server's queue is at
-least half full (v2m_online_scores_skipped_total{reason}); a response never waits for its score. Nothing of a
+least half full (v2m_online_scores_skipped_total{reason}; a canary challenger's outputs only when the queue is
+full: they are its evidence); a response never waits for its score. Nothing of a
 request but its scores leaves this module: no audio, no prompt, no client id.
 """
 
@@ -300,10 +301,12 @@ class Online:
         self.ledger.served(result.model, variant, latency_s, rtf)
 
     def score_later(self, variant: str, req: Request, result: Result) -> None:
-        """Queue the output for scoring, unless the server is loaded or the queue full (then it is skipped)."""
+        """Queue the output for scoring, unless the server is loaded or the queue full (then it is skipped). A
+        canary challenger's outputs are scored under load too: they are the only evidence that takes a bad one out,
+        and skipping them left a silent canary answering 91 requests instead of its window of 4 on a busy server."""
         if not self.cfg.score_cpu:
             return
-        reason = "load" if self.loaded() else None
+        reason = "load" if variant != "challenger" and self.loaded() else None
         if reason is None and not self.scorer.offer(lambda: self._scored_job(variant, req, result)):
             reason = "queue_full"
         if reason:
