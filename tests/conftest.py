@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+# `make test` runs two pytest-xdist workers: each gets its own Prefect home (before anything imports Prefect),
+# so their temporary Prefect servers never share one SQLite database.
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PREFECT_HOME"):
+    os.environ["PREFECT_HOME"] = f"{os.environ['PREFECT_HOME']}-{os.environ['PYTEST_XDIST_WORKER']}"
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -135,6 +140,19 @@ def postgres_server(tmp_path_factory):
     with PrivatePostgres(tmp_path_factory.mktemp("postgres"), password=secrets.token_urlsafe(18),
                          durable=False) as pg:
         yield pg
+
+
+# The files that take minutes, longest first (`make test`'s durations): run first, so that the two xdist workers
+# (one file at a time each, --dist loadfile) end together instead of one finishing a long file alone at the end.
+SLOW_FIRST = ["flows/test_team_e2e.py", "flows/test_retrain.py", "flows/test_team_gpus.py", "flows/test_team_hosts.py",
+              "flows/test_rollout.py", "model/test_listening_page.py", "flows/test_week_two.py",
+              "data/test_separate.py", "data/test_dvc.py", "flows/test_team_stack.py", "data/test_numba_cache.py",
+              "model/test_metrics_separated.py", "model/test_distributed.py", "model/test_data_parallel.py"]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0].removeprefix("tests/"), len(rank)))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
