@@ -183,7 +183,7 @@ def test_compose_cpu_workers_reach_the_listening_votes_with_their_own_role(tmp_p
     with PrivatePostgres(tmp_path / "pg", password="unused", user="someone", durable=False) as pg:
         res = subprocess.run(["sh", str(ROOT / "infra" / "postgres-listening.sh")], capture_output=True, text=True,
                              env={**os.environ, "PATH": f"{bin_dir()}:{os.environ['PATH']}", "POSTGRES_USER": "postgres",
-                                  "PGHOST": str(pg.data_dir / "cluster"), "PGPORT": str(pg.port),
+                                  "PGHOST": str(pg.socket_dir), "PGPORT": str(pg.port),
                                   "LISTENING_DB_PASSWORD": "it's-a-secret"})
         assert res.returncode == 0, res.stdout + res.stderr
         with psycopg.connect(host=pg.host, port=pg.port, user="listening", password="it's-a-secret",
