@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -284,6 +284,8 @@ class Online:
         self.bounds = Bounds(cfg, promo)
         self.ledger = Ledger()
         self._windows: dict[tuple[str, str], deque] = {}
+        self._unscored: Counter[str] = Counter()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
 
     def start(self) -> None:
@@ -311,11 +313,23 @@ class Online:
             reason = "queue_full"
         if reason:
             self.metrics.online_skipped.labels(reason=reason).inc()
+        elif variant == "challenger":
+            with self._lock:
+                self._unscored[result.model] += 1
+
+    def unscored(self, model: str) -> int:
+        """A canary challenger's answers whose scores are queued and not yet in (rollout.route bounds them)."""
+        return self._unscored[model]
 
     def _scored_job(self, variant: str, req: Request, result: Result) -> None:
-        with self._budgeted():
-            scores = score(req.vocal, req.vocal_sr, result.audio, result.raw, result.sample_rate)
-        self._record(result.model, variant, scores)
+        try:
+            with self._budgeted():
+                scores = score(req.vocal, req.vocal_sr, result.audio, result.raw, result.sample_rate)
+            self._record(result.model, variant, scores)
+        finally:  # judged (or failed): no longer holds the canary back
+            if variant == "challenger":
+                with self._lock:
+                    self._unscored[result.model] -= 1
 
     def pair(self, req: Request, champion: Result, challenger: Result) -> Pair:
         """Score both outputs of one shadowed request (the vocal analysed once) and remember the pair."""

@@ -151,8 +151,12 @@ class Rollout:
         return None if label in self.removed or (champ is not None and champ.label == label) else label
 
     def route(self, client: str) -> tuple[str, Batcher]:
-        """("champion" | "challenger", the batcher that answers)."""
-        if self.canary_label() is not None and in_canary(self.key, client, self.cfg.share):
+        """("champion" | "challenger", the batcher that answers). A canary never runs ahead of its evidence: while
+        a window's worth of the challenger's answers wait for their scores (a busy scorer), its clients get the
+        champion, so a bad challenger answers at most about two windows before it is judged and taken out."""
+        label = self.canary_label()
+        if label is not None and in_canary(self.key, client, self.cfg.share) \
+                and self.online.unscored(label) < self.cfg.window:
             return "challenger", self.challenger_batcher
         return "champion", self.batcher
 
