@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/v2m retrain
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: setup
 	$(BIN)/python bench/data_prep.py

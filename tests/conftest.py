@@ -144,6 +144,8 @@ def postgres_server(tmp_path_factory):
 
 # The files that take minutes, longest first (`make test`'s durations): run first, so that the two xdist workers
 # (one file at a time each, --dist loadfile) end together instead of one finishing a long file alone at the end.
+# The Makefile passes --no-loadscope-reorder: xdist otherwise orders files by their number of tests (the one-test
+# team e2e then started last, after 22 minutes).
 SLOW_FIRST = ["flows/test_team_e2e.py", "flows/test_retrain.py", "flows/test_team_gpus.py", "flows/test_team_hosts.py",
               "flows/test_rollout.py", "model/test_listening_page.py", "flows/test_week_two.py",
               "data/test_separate.py", "data/test_dvc.py", "flows/test_team_stack.py", "data/test_numba_cache.py",
