@@ -20,6 +20,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ class PrivatePostgres:
             self._initdb(cluster)
         self.port = self.port or free_port()
         if self.socket_dir != cluster:
-            self._own_folder(self.socket_dir)
+            self._private_socket_folder(self.socket_dir)
         settings = {"listen_addresses": self.host, "port": self.port, "unix_socket_directories": self.socket_dir,
                     "shared_buffers": "32MB", "max_connections": 40, "password_encryption": "scram-sha-256"}
         if not self.durable:
@@ -125,6 +126,22 @@ class PrivatePostgres:
                 raise RuntimeError(f"PostgreSQL does not run as root and there is no system user {SERVER_USER!r} "
                                    "to run it as (Debian's postgresql package makes one)") from None
             os.chown(path, account.pw_uid, account.pw_gid)
+
+    def _private_socket_folder(self, path: Path) -> None:
+        """The socket folder under /tmp: the superuser's socket (trusted without a password) goes there, and
+        anyone may create a name in /tmp first. Made here with mode 700 for the server's account; one that is
+        already there is used only when it is a real folder of that account's, closed to others."""
+        uid = pwd.getpwnam(SERVER_USER).pw_uid if os.geteuid() == 0 else os.geteuid()
+        try:
+            os.mkdir(path, 0o700)
+            os.lchown(path, uid, -1)
+            return
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+            raise RuntimeError(f"{path}: PostgreSQL's socket folder already exists and is not a private folder of "
+                               f"uid {uid} (mode 700); remove it, or start the server from a shorter data folder")
 
     @staticmethod
     def _as_server_user(cmd: list[str]) -> list[str]:
