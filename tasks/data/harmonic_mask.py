@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import librosa
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy.ndimage import median_filter
 
 from v2m.audio import resample, to_mono
 from v2m.config_separate import HarmonicConfig
@@ -38,6 +40,7 @@ JUMP_COST = 0.15                 # Viterbi: transition weight exp(-JUMP_COST x b
 EMISSION_POWER = 4               # sharpens the per-frame salience into an emission probability
 RANGE_SEMITONES = 12             # second pass: this far either side of the line's median pitch
 WIDTH_BINS, WIDTH_SLOPE = 0.5, 0.01  # comb tooth: sigma = 0.5 STFT bin + 1 % of the frequency
+HPSS_KERNEL = 31                 # librosa.decompose.hpss's default median window (frames and bins)
 
 
 def cqt_magnitude(mono: np.ndarray) -> np.ndarray:
@@ -104,6 +107,29 @@ def comb_mask(freqs: np.ndarray, f0: np.ndarray, voiced: np.ndarray, harmonics: 
     return (mask * ((k <= harmonics) & voiced[None, :])).astype(np.float32)
 
 
+def running_median(S: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """scipy.ndimage.median_filter(S, size k along `axis`, mode="reflect") of a 2-D array, the same numbers ~5x
+    faster: a partial sort of every window, in row blocks of ~16 MB (scipy's rank filter was 80 % of a separation).
+    Shorter than the window: scipy's own (numpy's symmetric padding differs from its reflection there)."""
+    if S.shape[axis] < k:
+        return median_filter(S, size=[k if a == axis % 2 else 1 for a in range(2)], mode="reflect")
+    X = np.moveaxis(S, axis, -1)
+    h = k // 2
+    padded = np.pad(X, ((0, 0), (h, h)), mode="symmetric")  # = scipy's "reflect": d c b a | a b c d | d c b a
+    out = np.empty_like(X)
+    rows = max(1, (1 << 22) // (X.shape[1] * k))
+    for i in range(0, X.shape[0], rows):
+        out[i:i + rows] = np.partition(sliding_window_view(padded[i:i + rows], k, axis=1), h, axis=-1)[..., h]
+    return np.moveaxis(out, -1, axis)
+
+
+def harmonic_share(S: np.ndarray) -> np.ndarray:
+    """librosa.decompose.hpss(S, margin=1.0, mask=True)[0] of a magnitude [freqs, frames]: the soft mask of what
+    is steady in time (median along frames) against what is short (median along bins)."""
+    harm, perc = running_median(S, HPSS_KERNEL, axis=1), running_median(S, HPSS_KERNEL, axis=0)
+    return librosa.util.softmask(harm, perc, power=2.0, split_zeros=True)
+
+
 def frames_at(times_s: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Values of the analysis frames nearest to `times_s`."""
     idx = np.clip(np.round(times_s * ANALYSIS_SR / HOP).astype(int), 0, len(values) - 1)
@@ -127,7 +153,7 @@ def separate(audio: np.ndarray, sr: int, cfg: HarmonicConfig) -> tuple[np.ndarra
         X = librosa.stft(audio[:, a:b], n_fft=n_fft, hop_length=hop)  # [channels, freqs, frames]
         times = (a + np.arange(X.shape[-1]) * hop) / sr
         mask = comb_mask(freqs, frames_at(times, f0), frames_at(times, voiced), cfg.harmonics, sr / n_fft)
-        mask *= librosa.decompose.hpss(np.abs(X).mean(axis=0), margin=1.0, mask=True)[0]  # drums stay out
+        mask *= harmonic_share(np.abs(X).mean(axis=0))  # drums stay out
         y = librosa.istft(X * mask[None], hop_length=hop, n_fft=n_fft, length=b - a)
         keep = slice(start - a, min(start + block, n) - a)
         vocals[:, start:start + block] = y[:, keep]
