@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -122,26 +123,43 @@ def chorale_renders(request, tmp_path_factory) -> list[dict]:
     cache = Path(pytest_cache.mkdir(name)) if pytest_cache is not None else tmp_path_factory.mktemp(name)
     singer = voice.make_artists(1, ["en"], seed=0)[0]
     words = [("la", "a"), ("loo", "u"), ("see", "i"), ("oh", "o"), ("day", "e")]
+    picked = pick_chorales(N_CHORALES + 1, seed=11, cache_dir=CHORALE_CACHE)
+    paths = [cache / f"{ch.name.replace('/', '__')}.npz" for ch in picked]
+
+    def render_one(k: int, ch, path: Path) -> None:
+        quarters = CHORALE_S * CHORALE_BPM / 60
+        c, _ = loop_and_cut(ch, quarters, quarters)
+        n, sec = int(CHORALE_S * CHORALE_SR), 60 / CHORALE_BPM
+        notes = [(m, on * sec, d * sec) for m, on, d in c.parts["Soprano"]]
+        stems = {
+            "vocal": voice.sing(notes, words * (len(notes) // len(words) + 1), singer, "formant", CHORALE_SR, k),
+            "true": render.render(render.arrange(c, "classical", CHORALE_BPM), CHORALE_SR, renderer, k),
+            "tritone": render.render(render.arrange(transposed(c, 6), "classical", CHORALE_BPM), CHORALE_SR,
+                                     renderer, k),
+            "drone": render.render(tonic_drone(c, CHORALE_S), CHORALE_SR, renderer, k),
+        }
+        full = [b for b, nxt in zip(c.bars, c.bars[1:]) if abs(nxt - b - c.bar_ql) < 1e-6]
+        tmp = path.with_suffix(f".{os.getpid()}.npz")
+        np.savez(tmp, **{stem: np.round(fit_length(y, n) * 32767).astype(np.int16) for stem, y in stems.items()},
+                 bar=np.array([full[0] * sec, c.bar_ql * sec]))
+        tmp.replace(path)  # atomic: a concurrent session never reads half a file
+
+    # pytest-xdist workers share the cache folder: each renders the chorales no other worker holds the lock of
+    # (first pass, never waiting), then waits for the ones still being rendered (second pass): no chorale is
+    # rendered twice, and two workers that need them at once share the work.
+    for blocking in (False, True):
+        for k, (ch, path) in enumerate(zip(picked, paths)):
+            if path.is_file():
+                continue
+            with path.with_suffix(".lock").open("a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    continue
+                if not path.is_file():
+                    render_one(k, ch, path)
     out = []
-    for k, ch in enumerate(pick_chorales(N_CHORALES + 1, seed=11, cache_dir=CHORALE_CACHE)):
-        path = cache / f"{ch.name.replace('/', '__')}.npz"
-        if not path.is_file():
-            quarters = CHORALE_S * CHORALE_BPM / 60
-            c, _ = loop_and_cut(ch, quarters, quarters)
-            n, sec = int(CHORALE_S * CHORALE_SR), 60 / CHORALE_BPM
-            notes = [(m, on * sec, d * sec) for m, on, d in c.parts["Soprano"]]
-            stems = {
-                "vocal": voice.sing(notes, words * (len(notes) // len(words) + 1), singer, "formant", CHORALE_SR, k),
-                "true": render.render(render.arrange(c, "classical", CHORALE_BPM), CHORALE_SR, renderer, k),
-                "tritone": render.render(render.arrange(transposed(c, 6), "classical", CHORALE_BPM), CHORALE_SR,
-                                         renderer, k),
-                "drone": render.render(tonic_drone(c, CHORALE_S), CHORALE_SR, renderer, k),
-            }
-            full = [b for b, nxt in zip(c.bars, c.bars[1:]) if abs(nxt - b - c.bar_ql) < 1e-6]
-            tmp = path.with_suffix(f".{os.getpid()}.npz")
-            np.savez(tmp, **{stem: np.round(fit_length(y, n) * 32767).astype(np.int16) for stem, y in stems.items()},
-                     bar=np.array([full[0] * sec, c.bar_ql * sec]))
-            tmp.replace(path)  # atomic: a concurrent session never reads half a file
+    for ch, path in zip(picked, paths):
         with np.load(path) as z:
             stems = {stem: z[stem].astype(np.float32) / 32767 for stem in z.files if stem != "bar"}
             out.append(stems | {"name": ch.name, "key": ch.key, "bar_start_s": float(z["bar"][0]),
