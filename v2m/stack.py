@@ -32,8 +32,8 @@ from typing import Any
 from v2m import postgres
 from v2m.config_listening import DB_PASSWORD_ENV, DB_URL_ENV
 from v2m.s3server import SeaweedS3, free_port
-from v2m.stack_init import (BUCKETS, DEFAULT_PERMISSION, HEARTBEAT_S, QUIET, RESULTS_BLOCK, WORKER_POLL_S,
-                            init_services)
+from v2m.stack_init import (BUCKETS, DEFAULT_PERMISSION, HEARTBEAT_S, LOST_AFTER_S, QUIET, RESULTS_BLOCK,
+                            WORKER_POLL_S, init_services)
 
 POOLS = {"cpu": "process", "gpu-a40": "process"}  # here both pools run as local process workers
 AUTH_CACHE_S = 60  # MLflow basic auth: how long a checked password stays checked (a changed one: at most this)
@@ -73,6 +73,10 @@ def _new_credentials() -> dict[str, Any]:
 class Stack:
     state_dir: Path
     host: str = "127.0.0.1"
+    # How soon a lost host's flow run is marked Crashed (and its step started again): flow runs send a heartbeat
+    # every HEARTBEAT_S (30 s, Prefect's minimum); a run silent for lost_after_s is lost. The default leaves two
+    # heartbeats' slack for a loaded host; a test that loses a host on purpose waits less.
+    lost_after_s: int = LOST_AFTER_S
 
     @property
     def state_file(self) -> Path:
@@ -202,7 +206,8 @@ class Stack:
             pg.wait_ready(timeout_s)
             st["listening_db_url"] = pg.create_database(LISTENING_DB)
             self._save(st)
-        init_services({**os.environ, **self.client_env("cpu")}, st["s3_url"], gpus, creds["mlflow"])
+        init_services({**os.environ, **self.client_env("cpu")}, st["s3_url"], gpus, creds["mlflow"],
+                      lost_after_s=self.lost_after_s)
         if not servers_only:
             for pool in POOLS:
                 self.worker(pool, self.state_dir / "hosts" / pool)

@@ -40,7 +40,8 @@ QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFL
          "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords: dict[str, str]) -> None:
+def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords: dict[str, str],
+                  lost_after_s: int = 0) -> None:
     """What the servers need once before workers use them (`v2m stack up`, or `v2m stack init` in
     infra/docker-compose.yml): one MLflow user per host role, the work pools with their templates, the `gpu`
     limit (one job per GPU, all GPU hosts together), the S3 block holding every step's result, and the
@@ -80,7 +81,7 @@ def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords:
                 [prefect, "concurrency-limit", "delete", "gpu"],
                 [prefect, "concurrency-limit", "create", "gpu", str(gpus)],
                 [sys.executable, "-c", RESULTS_BLOCK_SCRIPT, s3_url],
-                [sys.executable, "-c", LOST_RUNS_SCRIPT, str(LOST_AFTER_S)]):
+                [sys.executable, "-c", LOST_RUNS_SCRIPT, str(lost_after_s or LOST_AFTER_S)]):
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode != 0 and "delete" not in cmd and "already exists" not in res.stdout + res.stderr:
             raise RuntimeError(f"{' '.join(cmd[1:4])} failed: {res.stdout[-500:]}{res.stderr[-500:]}")

@@ -64,12 +64,13 @@ def worker_log(st, name: str, chars: int = 3000) -> str:
 
 @pytest.fixture
 def team_servers(tmp_path):
-    """`team_servers(gpus)` starts the team stack's servers alone (workers are the test's own); stops them."""
+    """`team_servers(gpus, **stack)` starts the team stack's servers alone (workers are the test's own); stops
+    them. `stack`: fields of v2m.stack.Stack (lost_after_s)."""
     from v2m.stack import Stack
     started = []
 
-    def up(gpus: int) -> Stack:
-        st = Stack(tmp_path / "stack")
+    def up(gpus: int, **stack) -> Stack:
+        st = Stack(tmp_path / "stack", **stack)
         started.append(st)
         st.up(servers_only=True, gpus=gpus)
         return st

@@ -23,7 +23,7 @@ from v2m.config import load_params
 
 def test_retrain_across_two_hosts_sharing_only_the_services_survives_a_lost_gpu_host(team_servers, tmp_path,
                                                                                    monkeypatch) -> None:
-    st = team_servers(gpus=1)
+    st = team_servers(gpus=1, lost_after_s=50)  # the lost host's run is Crashed 20-50 s after the kill
     for k, v in st.client_env("cpu").items():
         monkeypatch.setenv(k, v)
     owner, bare = publish_project(st, tmp_path)
