@@ -25,6 +25,7 @@ from tasks.data.versioning import (adopt_stages, check_source, data_version_task
 from v2m.config import Params
 
 SEPARATE = "separate"
+publish_task = task(publish, name="publish")  # its own task run: its time shows in flows/timeline.py
 
 
 @task(name="separate")
@@ -93,7 +94,7 @@ def prepare_data(project_dir: str = ".", push: bool = False) -> dict[str, Any]:
             version["pushed_files"] = push_task(root, params.dvc)
         path = record_version(root, version)
         if team:  # every output to the remote, and the files naming this version, for the steps on other hosts
-            version.update(publish(root, params, version["data_version"]))
+            version.update(publish_task(root, params, version["data_version"]))
 
     log.info("data version %s (git %s); stages run: %s", version["data_version"],
              version["git_revision"], ", ".join(ran) or "none")

@@ -13,6 +13,7 @@ embedded mode and as deployments on the gpu-a40 / cpu pools in team mode (flows/
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -80,26 +81,30 @@ def retrain(project_dir: str = ".", backends: list[str] | None = None, musicgen_
     modes = {"musicgen": musicgen_stages or params.retrain.musicgen_stages,
              "audioldm": audioldm_variants or params.retrain.audioldm_variants}
     team = team_mode(params)
+    started = time.perf_counter()
     data = run_step(params, "prepare-data", prepare_data, project_dir=str(root), push=push_data or team)
-    log.info("data version %s", data["data_version"])
+    log.info("data version %s (prepare-data in %.1f s)", data["data_version"], time.perf_counter() - started)
     # Team mode: steps on other hosts check this version out of the DVC remote; embedded: the data is here.
     version = {"data_version": data["data_version"]} if team else {}
 
-    def pipeline(backend: str) -> list[dict[str, Any]]:
-        return backend_pipeline(params, root, backend, modes[backend], presets, max_steps, version, report)
+    reports = threading.Lock()  # one report at a time: they check out into this one workspace, and draw plots
 
-    out: dict[str, Any] = {"data_version": data["data_version"], "backends": {}}
-    for backend, steps in side_by_side(params, pipeline, backends or params.retrain.backends).items():
-        champion = alias_version(backend, CHAMPION)
-        entry: dict[str, Any] = {"steps": steps, "champion": champion}
-        if report and champion:
-            started = time.perf_counter()
-            if team:  # the report generates with the champion here: it needs the test chunks of this version
-                checkout(root, params, data["data_version"], model_inputs(backend))
-            index, _, _ = compare_task(params, root, [f"{model_name(backend)}@{CHAMPION}", f"base:{backend}"])
-            entry["report"] = str(index)
-            log.info("report: %s in %.1f s", backend, time.perf_counter() - started)  # flows/timeline.py
-        out["backends"][backend] = entry
+    def pipeline(backend: str) -> dict[str, Any]:
+        """One backend's steps, then its report: in team mode while the other backend's steps still run."""
+        steps = backend_pipeline(params, root, backend, modes[backend], presets, max_steps, version, report)
+        entry: dict[str, Any] = {"steps": steps, "champion": alias_version(backend, CHAMPION)}
+        if report and entry["champion"]:
+            with reports:
+                started = time.perf_counter()
+                if team:  # the report reads the champion's evaluation samples: the test chunks of this version
+                    checkout(root, params, data["data_version"], model_inputs(backend))
+                index, _, _ = compare_task(params, root, [f"{model_name(backend)}@{CHAMPION}", f"base:{backend}"])
+                entry["report"] = str(index)
+                log.info("report: %s in %.1f s", backend, time.perf_counter() - started)  # flows/timeline.py
+        return entry
+
+    out: dict[str, Any] = {"data_version": data["data_version"],
+                           "backends": side_by_side(params, pipeline, backends or params.retrain.backends)}
 
     lines = [f"# Retrain on data `{out['data_version']}`", ""]
     for backend, entry in out["backends"].items():

@@ -11,7 +11,8 @@ and from the log lines the engine and our steps write:
     work      Running -> Completed, less data
 
 and the parent's own time: its reports (its "report: ... in X s" lines, flows/retrain.py) and `between`, the
-rest of its wall time that no step covers (polling, reading results, its own logic).
+rest of its wall time that neither a step nor a report covers (polling, reading results, its own logic).
+Each step also lists the time of its task runs by name (`tasks`: where its work went, e.g. reproduce, publish).
 `python -m flows.timeline FLOW_RUN_ID` prints the table for a parent flow run (PREFECT_API_URL set).
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -72,8 +73,8 @@ def _covered(spans: list[tuple[datetime, datetime]]) -> float:
 
 async def _read(parent_id: UUID) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter,
-                                                LogFilterFlowRunId)
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId,
+                                                LogFilter, LogFilterFlowRunId)
     async with get_client() as client:
         parent = await client.read_flow_run(parent_id)
         children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
@@ -85,16 +86,23 @@ async def _read(parent_id: UUID) -> dict[str, Any]:
             logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
             row = step_phases(run, states, logs)
             row["deployment"] = deployments.get(run.deployment_id, row["deployment"])
+            row["tasks"] = {}
+            for tr in await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))):
+                name = tr.name.rsplit("-", 1)[0]  # "reproduce-0a1" -> "reproduce"
+                row["tasks"][name] = row["tasks"].get(name, 0.0) + tr.total_run_time.total_seconds()
             rows.append(row)
         parent_states = await client.read_flow_run_states(parent_id)
         parent_logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[parent_id])))
     rows.sort(key=lambda r: r["scheduled"])
-    reports = sum(float(m.group(1)) for lg in parent_logs if (m := REPORT_LINE.search(lg.message)))
+    # a report's line is written when it ends; reports may overlap the other backend's steps
+    report_spans = [(lg.timestamp - timedelta(seconds=float(m.group(1))), lg.timestamp)
+                    for lg in parent_logs if (m := REPORT_LINE.search(lg.message))]
+    reports = sum((b - a).total_seconds() for a, b in report_spans)
     start = _first(parent_states, "RUNNING") or parent.start_time
     end = max((s.timestamp for s in parent_states if s.is_final()), default=None)
     wall = _seconds(start, end)
     spans = [(r["scheduled"], r["ended"]) for r in rows if r["ended"]]
-    return {"wall": wall, "steps": rows, "reports": reports, "between": max(0.0, wall - _covered(spans) - reports),
+    return {"wall": wall, "steps": rows, "reports": reports, "between": max(0.0, wall - _covered(spans + report_spans)),
             "sums": {p: sum(r[p] for r in rows) for p in PHASES}}
 
 
@@ -110,9 +118,17 @@ def format_timeline(t: dict[str, Any]) -> str:
     for r in t["steps"]:
         lines.append(f"{(r['deployment'] + ' ' + r['step'])[:33]:<34}"
                      + "".join(f"{r[p]:9.1f}" for p in (*PHASES, "total")))
+    tasks: dict[str, float] = {}
+    for r in t["steps"]:
+        for name, sec in r.get("tasks", {}).items():
+            key = f"{r['deployment']}/{name}"
+            tasks[key] = tasks.get(key, 0.0) + sec
     lines.append(f"{'sum over steps':<34}" + "".join(f"{t['sums'][p]:9.1f}" for p in PHASES))
     lines.append(f"parent wall {t['wall']:.1f} s: its reports {t['reports']:.1f} s, and {t['between']:.1f} s "
                  "more while no step was queued or running")
+    if tasks:
+        lines.append("work by task (step/task, summed): " + ", ".join(
+            f"{k} {v:.1f} s" for k, v in sorted(tasks.items(), key=lambda kv: -kv[1]) if v >= 0.5))
     return "\n".join(lines)
 
 
