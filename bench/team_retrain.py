@@ -2,11 +2,12 @@
 folders, code from git, data through the DVC S3 remote, models through MLflow, results on S3) against the
 same retrain embedded in one process, and the bytes that moved through S3 per step.
 
-    python bench/team_retrain.py [--gpus N]
+    python bench/team_retrain.py [--gpus N [N ...]]
 
 Same tiny data and step counts as tests/flows/test_team_e2e.py (without the lost host). Prints the figures,
 with each step's phases from the flow-run timeline (flows/timeline.py). --gpus N: the GPU host runs N jobs at
-once (the `gpu` limit N); here they share this machine's CPU cores.
+once (the `gpu` limit N); here they share this machine's CPU cores. Several N: one team run each (each its own
+stack), against one embedded run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,33 +28,45 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from flows.timeline import format_timeline, timeline  # noqa: E402
+from flows.timeline import REPORT_LINE, format_timeline, timeline  # noqa: E402
 from tests.flows.team_project import TEAM, merge, publish_project, s3_keys  # noqa: E402
 from v2m.stack import NOT_INHERITED, Stack, _descendants  # noqa: E402
 
 SETTINGS = merge(TEAM, {"train": {"musicgen": {"max_steps": 6}}})
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time (user + system) of these processes, their live descendants and the children they reaped: all
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU time (user + system) of each named process, its live descendants and the children they reaped: all
     the team stack spends (servers, workers, their zygotes and every flow run), whatever else loads the host."""
-    total = 0
-    for pid in {d for p in pids for d in (p, *_descendants(p))}:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    return total / os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, root in pids.items():
+        total = 0
+        for pid in {root, *_descendants(root)}:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+        out[name] = total / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def team_run(work: Path, gpus: int) -> tuple[float, dict, Path]:
     from flows.deploy import deploy_all
     from v2m.config import load_params
+    from prefect.settings import (PREFECT_API_AUTH_STRING, PREFECT_API_URL, PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK,
+                                  temporary_settings)
+    work.mkdir(parents=True)
     st = Stack(work / "stack")
     st.up(servers_only=True, gpus=gpus)
+    env = st.client_env("cpu")
+    # Prefect reads its settings once: this stack's API for this run (a second run has a stack of its own)
+    settings = temporary_settings(updates={
+        PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"],
+        PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"]})
+    os.environ.update(env)
+    settings.__enter__()
     try:
-        os.environ.update(st.client_env("cpu"))
         owner, _ = publish_project(st, work, SETTINGS)
         deploy_all(load_params(owner / "params.yaml"), owner, st.client_env("cpu"))
         st.worker("cpu", work / "cpu-host")
@@ -63,10 +77,12 @@ def team_run(work: Path, gpus: int) -> tuple[float, dict, Path]:
         from prefect.client.orchestration import get_client
         from prefect.deployments import run_deployment
         before = {b: s3_keys(st, b) for b in ("v2m-dvc", "v2m-mlflow", "v2m-checkpoints", "v2m-results")}
-        pids = list(st.state()["pids"].values())
-        cpu, t = cpu_seconds(pids), time.perf_counter()
+        pids = st.state()["pids"]
+        cpu0, t = cpu_seconds(pids), time.perf_counter()
         parent = run_deployment("retrain/retrain-manual", timeout=None)
-        wall, cpu = time.perf_counter() - t, cpu_seconds(pids) - cpu
+        wall, cpu1 = time.perf_counter() - t, cpu_seconds(pids)
+        by_process = {name: cpu1[name] - cpu0[name] for name in pids}
+        cpu = sum(by_process.values())
         assert parent.state.is_completed(), parent.state
         out = parent.state.result()
         steps = timeline(parent.id)
@@ -77,7 +93,7 @@ def team_run(work: Path, gpus: int) -> tuple[float, dict, Path]:
         runs = [r for r in asyncio.run(step_runs()) if r.state.is_completed() and r.deployment_id]
         after = {b: s3_keys(st, b) for b in before}
         moved = {b: {k: v for k, v in after[b].items() if before[b].get(k) != v} for b in after}
-        report = {"out": out, "moved": moved, "pulled": {}, "timeline": steps, "cpu": cpu}
+        report = {"out": out, "moved": moved, "pulled": {}, "timeline": steps, "cpu": cpu, "by_process": by_process}
         for r in runs:
             try:
                 res = r.state.result()
@@ -87,6 +103,11 @@ def team_run(work: Path, gpus: int) -> tuple[float, dict, Path]:
                 report["pulled"][f"{r.name} ({'finetune' if 'losses' in res else 'evaluate'})"] = res["data_bytes_pulled"]
         return wall, report, owner
     finally:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        for service in (EventsWorker, APILogWorker):  # what this process still sends, while the stack is up
+            service.drain_all(timeout=30)
+        settings.__exit__(None, None, None)
         st.down()
 
 
@@ -100,8 +121,9 @@ def embedded_settings(params: dict) -> dict:
     return params
 
 
-def embedded_run(owner: Path, work: Path) -> tuple[float, float]:
-    """The same project and settings, one process, local DVC remote, embedded MLflow and Prefect."""
+def embedded_run(owner: Path, work: Path) -> tuple[float, float, dict[str, float]]:
+    """The same project and settings, one process, local DVC remote, embedded MLflow and Prefect. Returns wall
+    and CPU seconds, and the seconds its log gives prepare-data and the reports."""
     proj = work / "embedded"
     shutil.copytree(owner, proj, ignore=shutil.ignore_patterns(".v2m"))
     params = embedded_settings(yaml.safe_load((proj / "params.yaml").read_text()))
@@ -118,41 +140,55 @@ def embedded_run(owner: Path, work: Path) -> tuple[float, float]:
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"embedded retrain failed:\n{log.read_text()[-3000:]}")
-    return time.perf_counter() - t, usage.ru_utime + usage.ru_stime
+    text = log.read_text()
+    phases = {"prepare-data": sum(float(m) for m in re.findall(r"prepare-data in ([0-9.]+) s", text)),
+              "reports": sum(float(m) for m in re.findall(REPORT_LINE, text))}
+    return time.perf_counter() - t, usage.ru_utime + usage.ru_stime, phases
+
+
+def print_team(gpus: int, team_wall: float, report: dict, emb_wall: float, emb_cpu: float) -> None:
+    print(f"\n=== team retrain, 2 hosts, {gpus} GPU job(s) at once ===")
+    print(format_timeline(report["timeline"]))
+    print(f"team retrain: {team_wall:7.1f} s wall, {report['cpu']:7.1f} s CPU (servers, workers and flow runs)   "
+          f"team / embedded = {team_wall / emb_wall:.2f} (wall), {report['cpu'] / emb_cpu:.2f} (CPU)")
+    print("team CPU by process tree: " + ", ".join(
+        f"{name} {sec:.1f} s" for name, sec in sorted(report["by_process"].items(), key=lambda kv: -kv[1])))
+    moved = report["moved"]
+    dvc = moved["v2m-dvc"]
+    print(f"prepare-data -> S3 (dvc push + version files): {sum(dvc.values()):,} bytes in {len(dvc)} objects")
+    for name, size in sorted(report["pulled"].items()):
+        print(f"  S3 -> {name}: {size:,} bytes of data pulled")
+    for backend, entry in report["out"]["backends"].items():
+        for step in entry["steps"]:
+            for kind, run_id in (("finetune", step["run_id"]), ("evaluate", step["eval_run_id"])):
+                art = sum(v for k, v in moved["v2m-mlflow"].items() if f"/{run_id}/" in k)
+                print(f"  {backend} {step['mode']} {kind}: MLflow artifacts {art:,} bytes")
+    print(f"checkpoints on S3: {sum(moved['v2m-checkpoints'].values()):,} bytes; "
+          f"Prefect results on S3: {sum(moved['v2m-results'].values()):,} bytes "
+          f"in {len(moved['v2m-results'])} objects")
+    other = sum(moved["v2m-mlflow"].values()) - sum(
+        v for k, v in moved["v2m-mlflow"].items()
+        if any(f"/{s[i]}/" in k for e in report["out"]["backends"].values() for s in e["steps"]
+               for i in ("run_id", "eval_run_id")))
+    print(f"other MLflow artifacts (registered models, reports): {other:,} bytes")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gpus", type=int, default=1, help="jobs the GPU host runs at once")
+    ap.add_argument("--gpus", type=int, nargs="+", default=[1],
+                    help="jobs the GPU host runs at once; several values: one team run each, one embedded run")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="v2m-team-bench-"))
     try:
-        team_wall, report, owner = team_run(work, args.gpus)
-        emb_wall, emb_cpu = embedded_run(owner, work)
-        print(format_timeline(report["timeline"]))
-        print(f"team retrain (2 hosts, {args.gpus} GPU job(s) at once): {team_wall:7.1f} s wall, "
-              f"{report['cpu']:7.1f} s CPU (servers, workers and flow runs)")
-        print(f"embedded retrain: {emb_wall:7.1f} s wall, {emb_cpu:7.1f} s CPU   team / embedded = "
-              f"{team_wall / emb_wall:.2f} (wall), {report['cpu'] / emb_cpu:.2f} (CPU); load average now "
-              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-        moved = report["moved"]
-        dvc = moved["v2m-dvc"]
-        print(f"prepare-data -> S3 (dvc push + version files): {sum(dvc.values()):,} bytes in {len(dvc)} objects")
-        for name, size in sorted(report["pulled"].items()):
-            print(f"  S3 -> {name}: {size:,} bytes of data pulled")
-        for backend, entry in report["out"]["backends"].items():
-            for step in entry["steps"]:
-                for kind, run_id in (("finetune", step["run_id"]), ("evaluate", step["eval_run_id"])):
-                    art = sum(v for k, v in moved["v2m-mlflow"].items() if f"/{run_id}/" in k)
-                    print(f"  {backend} {step['mode']} {kind}: MLflow artifacts {art:,} bytes")
-        print(f"checkpoints on S3: {sum(moved['v2m-checkpoints'].values()):,} bytes; "
-              f"Prefect results on S3: {sum(moved['v2m-results'].values()):,} bytes "
-              f"in {len(moved['v2m-results'])} objects")
-        other = sum(moved["v2m-mlflow"].values()) - sum(
-            v for k, v in moved["v2m-mlflow"].items()
-            if any(f"/{s[i]}/" in k for e in report["out"]["backends"].values() for s in e["steps"]
-                   for i in ("run_id", "eval_run_id")))
-        print(f"other MLflow artifacts (registered models, reports): {other:,} bytes")
+        teams = {g: team_run(work / f"team-{g}", g) for g in args.gpus}
+        emb_wall, emb_cpu, emb_phases = embedded_run(teams[args.gpus[0]][2], work)
+        print(f"embedded retrain: {emb_wall:7.1f} s wall, {emb_cpu:7.1f} s CPU: prepare-data "
+              f"{emb_phases['prepare-data']:.1f} s, reports {emb_phases['reports']:.1f} s, the rest "
+              f"{emb_wall - sum(emb_phases.values()):.1f} s (steps, process start)")
+        for g, (team_wall, report, _) in teams.items():
+            print_team(g, team_wall, report, emb_wall, emb_cpu)
+        print(f"\nsummary, on {os.cpu_count()} cores: " + "; ".join(
+            f"{g} GPU job(s) at once: team / embedded = {teams[g][0] / emb_wall:.2f}" for g in args.gpus))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
