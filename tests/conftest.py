@@ -14,6 +14,14 @@ from pathlib import Path
 if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PREFECT_HOME"):
     os.environ["PREFECT_HOME"] = f"{os.environ['PREFECT_HOME']}-{os.environ['PYTEST_XDIST_WORKER']}"
 
+# One intra-op thread per process, set before numpy and torch load their thread pools. `make test` runs two
+# xdist workers on 2 cores, and the tests start servers, CLIs and flow runs beside them. By default every
+# process has a thread per core, so the cores are oversubscribed, and OpenMP's threads spin while they wait.
+# On the full suite, -n 3 ran the retrain e2e test in 552 s against 201 s with -n 2; bench/gpu_acceptance.py
+# saw 3-30x on 2 busy cores. The variables are inherited by every subprocess a test starts.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 import numpy as np
 import pytest
 import soundfile as sf
