@@ -97,5 +97,9 @@ def test_retrain_across_two_hosts_sharing_only_the_services_survives_a_lost_gpu_
     for step in steps["steps"]:
         assert abs(sum(step[p] for p in PHASES) - step["total"]) < 1.0, step
         assert step["checkout"] > 0 and step["work"] > 0, step
+        assert sum(step["tasks"].values()) <= step["total"] + 1.0, step  # task runs happen inside the step
+    # Its work by task: prepare-data's time goes to the DVC pipeline and the push of the version.
+    prep = next(s for s in steps["steps"] if s["deployment"] == "prepare-data")
+    assert prep["tasks"].get("dvc-repro", 0) > 0 and prep["tasks"].get("publish", 0) > 0, prep["tasks"]
     sizes = {b: sum(s3_keys(st, b).values()) for b in ("v2m-dvc", "v2m-mlflow", "v2m-checkpoints", "v2m-results")}
     print(f"\nteam retrain wall time {wall:.0f} s; bytes on S3 per bucket: {sizes}")
