@@ -9,16 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-# `make test` runs two pytest-xdist workers: each gets its own Prefect home (before anything imports Prefect),
-# so their temporary Prefect servers never share one SQLite database.
+# `make test` runs three pytest-xdist workers (Makefile): each gets its own Prefect home (before anything imports
+# Prefect), so their temporary Prefect servers never share one SQLite database.
 if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PREFECT_HOME"):
     os.environ["PREFECT_HOME"] = f"{os.environ['PREFECT_HOME']}-{os.environ['PYTEST_XDIST_WORKER']}"
 
-# One intra-op thread per process, set before numpy and torch load their thread pools. `make test` runs two
+# One intra-op thread per process, set before numpy and torch load their thread pools. `make test` runs
 # xdist workers on 2 cores, and the tests start servers, CLIs and flow runs beside them. By default every
 # process has a thread per core, so the cores are oversubscribed, and OpenMP's threads spin while they wait.
-# On the full suite, -n 3 ran the retrain e2e test in 552 s against 201 s with -n 2; bench/gpu_acceptance.py
-# saw 3-30x on 2 busy cores. The variables are inherited by every subprocess a test starts.
+# Before this, the full suite at -n 3 ran the retrain e2e test in 552 s against 201 s with -n 2;
+# bench/gpu_acceptance.py saw 3-30x on 2 busy cores. The variables are inherited by every subprocess a test starts.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
@@ -150,7 +150,7 @@ def postgres_server(tmp_path_factory):
         yield pg
 
 
-# The files that take minutes, longest first (`make test`'s durations): run first, so that the two xdist workers
+# The files that take minutes, longest first (`make test`'s durations): run first, so that the xdist workers
 # (one file at a time each, --dist loadfile) end together instead of one finishing a long file alone at the end.
 # The Makefile passes --no-loadscope-reorder: xdist otherwise orders files by their number of tests (the one-test
 # team e2e then started last, after 22 minutes).
