@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from v2m.errors import UserError
@@ -69,32 +68,24 @@ def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords:
         for kind, names in ROLLOUT_ROLES[user].items():
             for name in names:
                 grant(user, kind, experiments[name] if kind == "experiment" else name)
-    prefect, env = str(Path(sys.executable).parent / "prefect"), {**env, **QUIET}
+    # Prefect's part in one process of its own: importing Prefect fixes a process's settings, so the caller
+    # (which may point its own settings at the stack later) never imports it; one process rather than one
+    # CLI call per object saves about 7 s of CPU per stack (7 imports of Prefect).
     template = Path(__file__).resolve().parents[1] / "infra" / "work-pools" / "gpu-a40-process.json"
-    cpu_template = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-    with cpu_template:
-        json.dump(cpu_job_template(prefect, env), cpu_template)
-    for cmd in ([prefect, "work-pool", "create", "gpu-a40", "--type", "process", "--base-job-template",
-                 str(template), "--overwrite"],
-                [prefect, "work-pool", "create", "cpu", "--type", "process", "--base-job-template",
-                 cpu_template.name, "--overwrite"],
-                [prefect, "concurrency-limit", "delete", "gpu"],
-                [prefect, "concurrency-limit", "create", "gpu", str(gpus)],
-                [sys.executable, "-c", RESULTS_BLOCK_SCRIPT, s3_url],
-                [sys.executable, "-c", LOST_RUNS_SCRIPT, str(lost_after_s or LOST_AFTER_S)]):
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if res.returncode != 0 and "delete" not in cmd and "already exists" not in res.stdout + res.stderr:
-            raise RuntimeError(f"{' '.join(cmd[1:4])} failed: {res.stdout[-500:]}{res.stderr[-500:]}")
-    os.unlink(cpu_template.name)
+    args = {"gpu_template": json.loads(template.read_text()), "gpus": gpus, "s3_url": s3_url,
+            "lost_after_s": lost_after_s or LOST_AFTER_S}
+    res = subprocess.run([sys.executable, "-c", PREFECT_INIT_SCRIPT, json.dumps(args)], env={**env, **QUIET},
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"setting up Prefect's work pools, gpu limit, results block and lost-run automation "
+                           f"failed: {res.stdout[-500:]}{res.stderr[-1500:]}")
 
 
-def cpu_job_template(prefect: str, env: dict[str, str]) -> dict:
+def cpu_job_template() -> dict:
     """The cpu pool's job template: Prefect's process template, started through v2m.warm like the gpu-a40
-    pool's (infra/work-pools/gpu-a40-process.json). Read through the CLI: importing Prefect here would fix this
-    process's Prefect settings before the caller points them at the stack."""
-    res = subprocess.run([prefect, "work-pool", "get-default-base-job-template", "--type", "process"], env=env,
-                         capture_output=True, text=True, check=True)
-    template = json.loads(res.stdout)
+    pool's (infra/work-pools/gpu-a40-process.json). Imports Prefect: called in PREFECT_INIT_SCRIPT's process."""
+    from prefect.workers.process import ProcessWorker
+    template = ProcessWorker.get_default_base_job_template()
     template["variables"]["properties"]["command"]["default"] = WARM_COMMAND
     return template
 
@@ -134,28 +125,45 @@ def init_from_environment(gpus: int) -> None:
                                                        "serve": env["MLFLOW_SERVE_PASSWORD"], **optional})
 
 
-# Creates the Prefect block that stores results on S3. The endpoint is not secret; the keys are not in the
-# block: every host reads and writes with its own role's keys from its environment.
-RESULTS_BLOCK_SCRIPT = """
-import sys
-from prefect.filesystems import RemoteFileSystem
-RemoteFileSystem(basepath="s3://v2m-results/prefect",
-                 settings={"client_kwargs": {"endpoint_url": sys.argv[1]}}).save("v2m-results", overwrite=True)
-"""
-
-# A flow run whose host is lost stays Running forever unless something notices: its flow runs send a
-# heartbeat every HEARTBEAT_S, and this automation marks a run Crashed when they stop for LOST_AFTER_S
-# (Prefect's documented zombie-run detection). The parent (flows.steps.run_step) then starts the step again.
+# Prefect's objects of the stack, created by PREFECT_INIT_SCRIPT in one process (argv[1]: JSON of init_services):
+# - the work pools gpu-a40 and cpu with their job templates (both start flow runs through v2m.warm);
+# - the `gpu` tag limit: one job per GPU, all GPU hosts together;
+# - the block that stores every step's result on S3. The endpoint is not secret; the keys are not in the block:
+#   every host reads and writes with its own role's keys from its environment;
+# - the automation for lost hosts. A flow run whose host is lost stays Running forever unless something
+#   notices: its flow runs send a heartbeat every HEARTBEAT_S, and this automation marks a run Crashed when they
+#   stop for LOST_AFTER_S (Prefect's documented zombie-run detection). The parent (flows.steps.run_step) then
+#   starts the step again.
 HEARTBEAT_S, LOST_AFTER_S = 30, 75
 WORKER_POLL_S = 1  # how often a worker asks for scheduled flow runs (a few workers: negligible load)
-LOST_RUNS_SCRIPT = """
-import sys
+PREFECT_INIT_SCRIPT = """
+import asyncio, json, sys
 from datetime import timedelta
 from prefect.automations import Automation
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
+from prefect.exceptions import ObjectNotFound
+from prefect.filesystems import RemoteFileSystem
+from v2m.stack_init import cpu_job_template
+args = json.loads(sys.argv[1])
+
+async def pools_and_limit():
+    async with get_client() as client:
+        for name, template in (("gpu-a40", args["gpu_template"]), ("cpu", cpu_job_template())):
+            await client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template),
+                                          overwrite=True)
+        try:
+            await client.delete_concurrency_limit_by_tag("gpu")
+        except ObjectNotFound:
+            pass
+        await client.create_concurrency_limit(tag="gpu", concurrency_limit=args["gpus"])
+asyncio.run(pools_and_limit())
+RemoteFileSystem(basepath="s3://v2m-results/prefect",
+                 settings={"client_kwargs": {"endpoint_url": args["s3_url"]}}).save("v2m-results", overwrite=True)
 try:
     Automation.read(name="v2m-lost-flow-runs").delete()
 except Exception:
@@ -166,7 +174,8 @@ Automation(name="v2m-lost-flow-runs", trigger=EventTrigger(
             "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
     match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
     for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
-    within=timedelta(seconds=int(sys.argv[1]))),
+    within=timedelta(seconds=args["lost_after_s"])),
     actions=[ChangeFlowRunState(state=StateType.CRASHED, message="no heartbeat: its host or worker was lost")],
 ).create()
 """
+

@@ -154,11 +154,12 @@ def test_importing_v2m_creates_a_missing_prefect_home_so_a_fresh_clone_can_start
 
 
 def test_the_cpu_pools_template_starts_flow_runs_through_the_zygote_without_importing_prefect_here() -> None:
-    """`v2m stack up` builds it before the caller points Prefect's settings at the stack: importing Prefect
-    in that process then would have aimed the caller's Prefect client at a temporary server."""
-    code = ("import json, os, sys; from pathlib import Path; from v2m.stack_init import cpu_job_template; "
-            "t = cpu_job_template(str(Path(sys.executable).parent / 'prefect'), dict(os.environ)); "
-            "print(json.dumps([t['variables']['properties']['command']['default'], 'prefect' in sys.modules]))")
+    """`v2m stack up` sets Prefect up in a process of its own (PREFECT_INIT_SCRIPT), before the caller points
+    Prefect's settings at the stack: importing Prefect in the caller then would have aimed the caller's Prefect
+    client at a temporary server."""
+    code = ("import json, sys; import v2m.stack, v2m.stack_init as s; before = 'prefect' in sys.modules; "
+            "t = s.cpu_job_template(); "
+            "print(json.dumps([t['variables']['properties']['command']['default'], before]))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     command, imported = json.loads(res.stdout.strip().splitlines()[-1])
