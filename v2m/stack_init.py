@@ -74,7 +74,7 @@ def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords:
     template = Path(__file__).resolve().parents[1] / "infra" / "work-pools" / "gpu-a40-process.json"
     args = {"gpu_template": json.loads(template.read_text()), "gpus": gpus, "s3_url": s3_url,
             "lost_after_s": lost_after_s or LOST_AFTER_S}
-    res = subprocess.run([sys.executable, "-c", PREFECT_INIT_SCRIPT, json.dumps(args)], env={**env, **QUIET},
+    res = subprocess.run([sys.executable, "-m", "v2m.stack_init", json.dumps(args)], env={**env, **QUIET},
                          capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"setting up Prefect's work pools, gpu limit, results block and lost-run automation "
@@ -83,7 +83,7 @@ def init_services(env: dict[str, str], s3_url: str, gpus: int, mlflow_passwords:
 
 def cpu_job_template() -> dict:
     """The cpu pool's job template: Prefect's process template, started through v2m.warm like the gpu-a40
-    pool's (infra/work-pools/gpu-a40-process.json). Imports Prefect: called in PREFECT_INIT_SCRIPT's process."""
+    pool's (infra/work-pools/gpu-a40-process.json). Imports Prefect: called in init_prefect's process."""
     from prefect.workers.process import ProcessWorker
     template = ProcessWorker.get_default_base_job_template()
     template["variables"]["properties"]["command"]["default"] = WARM_COMMAND
@@ -125,57 +125,58 @@ def init_from_environment(gpus: int) -> None:
                                                        "serve": env["MLFLOW_SERVE_PASSWORD"], **optional})
 
 
-# Prefect's objects of the stack, created by PREFECT_INIT_SCRIPT in one process (argv[1]: JSON of init_services):
-# - the work pools gpu-a40 and cpu with their job templates (both start flow runs through v2m.warm);
-# - the `gpu` tag limit: one job per GPU, all GPU hosts together;
-# - the block that stores every step's result on S3. The endpoint is not secret; the keys are not in the block:
-#   every host reads and writes with its own role's keys from its environment;
-# - the automation for lost hosts. A flow run whose host is lost stays Running forever unless something
-#   notices: its flow runs send a heartbeat every HEARTBEAT_S, and this automation marks a run Crashed when they
-#   stop for LOST_AFTER_S (Prefect's documented zombie-run detection). The parent (flows.steps.run_step) then
-#   starts the step again.
+# A flow run whose host is lost stays Running forever unless something notices: its flow runs send a heartbeat
+# every HEARTBEAT_S, and an automation (init_prefect) marks a run Crashed when they stop for LOST_AFTER_S
+# (Prefect's documented zombie-run detection). The parent (flows.steps.run_step) then starts the step again.
 HEARTBEAT_S, LOST_AFTER_S = 30, 75
 WORKER_POLL_S = 1  # how often a worker asks for scheduled flow runs (a few workers: negligible load)
-PREFECT_INIT_SCRIPT = """
-import asyncio, json, sys
-from datetime import timedelta
-from prefect.automations import Automation
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.client.schemas.objects import StateType
-from prefect.events.actions import ChangeFlowRunState
-from prefect.events.schemas.automations import EventTrigger, Posture
-from prefect.events.schemas.events import ResourceSpecification
-from prefect.exceptions import ObjectNotFound
-from prefect.filesystems import RemoteFileSystem
-from v2m.stack_init import cpu_job_template
-args = json.loads(sys.argv[1])
 
-async def pools_and_limit():
-    async with get_client() as client:
-        for name, template in (("gpu-a40", args["gpu_template"]), ("cpu", cpu_job_template())):
-            await client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template),
-                                          overwrite=True)
-        try:
-            await client.delete_concurrency_limit_by_tag("gpu")
-        except ObjectNotFound:
-            pass
-        await client.create_concurrency_limit(tag="gpu", concurrency_limit=args["gpus"])
-asyncio.run(pools_and_limit())
-RemoteFileSystem(basepath="s3://v2m-results/prefect",
-                 settings={"client_kwargs": {"endpoint_url": args["s3_url"]}}).save("v2m-results", overwrite=True)
-try:
-    Automation.read(name="v2m-lost-flow-runs").delete()
-except Exception:
-    pass
-Automation(name="v2m-lost-flow-runs", trigger=EventTrigger(
-    after={"prefect.flow-run.heartbeat"},
-    expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-            "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
-    match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-    for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
-    within=timedelta(seconds=args["lost_after_s"])),
-    actions=[ChangeFlowRunState(state=StateType.CRASHED, message="no heartbeat: its host or worker was lost")],
-).create()
-"""
 
+def init_prefect(args: dict) -> None:
+    """Prefect's objects of the stack, in the process `python -m v2m.stack_init ARGS_JSON` (init_services):
+    the work pools gpu-a40 and cpu (both start flow runs through v2m.warm), the `gpu` tag limit (one job per
+    GPU, all GPU hosts together), the block that stores every step's result on S3 (the endpoint is not secret;
+    the keys are not in the block: every host uses its own role's keys), and the automation for lost hosts."""
+    import asyncio
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    from prefect.exceptions import ObjectNotFound
+    from prefect.filesystems import RemoteFileSystem
+
+    async def pools_and_limit() -> None:
+        async with get_client() as client:
+            for name, template in (("gpu-a40", args["gpu_template"]), ("cpu", cpu_job_template())):
+                await client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template),
+                                              overwrite=True)
+            try:
+                await client.delete_concurrency_limit_by_tag("gpu")
+            except ObjectNotFound:
+                pass
+            await client.create_concurrency_limit(tag="gpu", concurrency_limit=args["gpus"])
+    asyncio.run(pools_and_limit())
+    RemoteFileSystem(basepath="s3://v2m-results/prefect",
+                     settings={"client_kwargs": {"endpoint_url": args["s3_url"]}}).save("v2m-results", overwrite=True)
+    try:
+        Automation.read(name="v2m-lost-flow-runs").delete()
+    except ValueError:  # none yet
+        pass
+    Automation(name="v2m-lost-flow-runs", trigger=EventTrigger(
+        after={"prefect.flow-run.heartbeat"},
+        expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+        for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+        within=timedelta(seconds=args["lost_after_s"])),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message="no heartbeat: its host or worker was lost")],
+    ).create()
+
+
+if __name__ == "__main__":
+    init_prefect(json.loads(sys.argv[1]))

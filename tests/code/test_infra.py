@@ -154,7 +154,7 @@ def test_importing_v2m_creates_a_missing_prefect_home_so_a_fresh_clone_can_start
 
 
 def test_the_cpu_pools_template_starts_flow_runs_through_the_zygote_without_importing_prefect_here() -> None:
-    """`v2m stack up` sets Prefect up in a process of its own (PREFECT_INIT_SCRIPT), before the caller points
+    """`v2m stack up` sets Prefect up in a process of its own (init_prefect), before the caller points
     Prefect's settings at the stack: importing Prefect in the caller then would have aimed the caller's Prefect
     client at a temporary server."""
     code = ("import json, sys; import v2m.stack, v2m.stack_init as s; before = 'prefect' in sys.modules; "
